@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 
-from foe.bench.model_floor import MachineRates, forward_work, measure_machine
-from foe.bench.model_latency import ModelBenchConfig
+from foe.bench.model_floor import MachineRates, ffn_work, forward_work, measure_machine
+from foe.bench.model_latency import ModelBenchConfig, Row, Timing, targets
 from foe.bench.model_naive import NaiveSparseMoE, naive_feed_forwards
 from foe.cli.main import main
 from foe.config import ModelConfig
@@ -63,6 +63,24 @@ def test_floor_arithmetic_on_a_hand_case() -> None:
     assert (d.flops, d.weight_bytes, d.kv_bytes) == (720.0, 608.0, 192.0)
     with pytest.raises(ValueError, match="experts_hit"):
         forward_work(cfg, batch=1, new_tokens=1, context=0, experts_hit=3, logit_rows=1)
+    # One feed-forward layer over 5 tokens, one expert hit: router 8 + one expert 36 weights per token
+    # -> 2 * 5 * 44 = 440 FLOPs; router 8 + expert 36 = 44 params read -> 176 bytes.
+    f = ffn_work(cfg, tokens=5, experts_hit=1)
+    assert (f.flops, f.weight_bytes, f.kv_bytes) == (440.0, 176.0, 0.0)
+
+
+def test_bound_is_the_naive_loops_distance_from_the_floor() -> None:
+    def row(batch: int, naive_ms: float, floor_ms: float) -> Row:
+        r = Row("prefill", batch, 8, batch * 8, {k: Timing(ms, ms, ms) for k, ms in
+                                                   (("moe", 10.0), ("foe", 12.0), ("naive", naive_ms))},
+                {"moe": floor_ms, "foe": floor_ms}, {}, {})
+        r.derive()
+        return r
+    # batch 4 is below the target's batch >= 16, so its (tighter) bound does not count.
+    t = targets([row(4, 11.0, 10.0), row(16, 30.0, 5.0), row(64, 40.0, 20.0)])
+    assert t["bound"]["batch"] == 64 and t["bound"]["max_possible_speedup"] == pytest.approx(2.0)
+    assert t["moe"]["min_speedup_vs_naive_batch_ge_16"] == pytest.approx(3.0)  # 30 / 10 at batch 16
+    assert t["moe"]["speedup_target_met"] is True and t["foe"]["speedup_target_met"] is False  # 30/12
 
 
 def test_machine_rates_are_measured() -> None:
@@ -90,7 +108,12 @@ def test_cli_runs_end_to_end_on_tiny(tmp_path, capsys) -> None:
         assert 0 < r["derived"]["moe_frac_floor"] and r["floor_ms"]["moe"] > 0
         assert r["derived"]["foe_over_moe"] == pytest.approx(r["timings"]["foe"]["median_ms"]
                                                              / r["timings"]["moe"]["median_ms"])
-    assert result["machine"]["rates"]["matmul_gflops"] > 0 and set(result["targets"]) == {"moe", "foe"}
+    assert result["machine"]["rates"]["matmul_gflops"] > 0 and set(result["targets"]) == {"moe", "foe"}  # no batch >= 16: no bound
+    # the feed-forward layer alone at every token count of the sweep: 5, 10 (prefill) and 1, 2, 4 (decode)
+    ffn = result["feed_forward_rows"]
+    assert [r["tokens"] for r in ffn] == [1, 2, 4, 5, 10] and "feed-forward layer alone" in printed
+    for r in ffn:
+        assert set(r["timings"]) == {"moe", "foe", "naive"} and r["floor_ms"]["moe"] > 0
     assert result["settings"]["clock"] in ("wall", "cpu") and result["settings"]["threads"] == 1  # auto resolved
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

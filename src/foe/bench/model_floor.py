@@ -91,3 +91,16 @@ def forward_work(cfg: ModelConfig, batch: int, new_tokens: int, context: int, ex
               + min(tokens, cfg.vocab_size) * cfg.d_model)  # embedding rows looked up
     kv = cfg.kv_bytes_per_token(dtype_bytes) * batch * (context + new_tokens)
     return ForwardWork(flops=float(flops), weight_bytes=float(params * dtype_bytes), kv_bytes=float(kv))
+
+
+def ffn_work(cfg: ModelConfig, tokens: int, experts_hit: int, dtype_bytes: int = 4) -> ForwardWork:
+    """Work of one MoE/FoE feed-forward layer over `tokens` tokens: the router and top_k experts per
+    token (FoE's G groups route the same token G times to top_k/G experts each: the same total), and
+    the router plus the `experts_hit` experts' weights read once."""
+    if tokens < 1 or not 0 <= experts_hit <= cfg.n_experts:
+        raise ValueError("tokens must be >= 1 and 0 <= experts_hit <= n_experts")
+    expert_params = 3 * cfg.d_model * cfg.expert_hidden
+    router = cfg.n_experts * cfg.d_model
+    flops = 2 * tokens * (router + cfg.top_k * expert_params)
+    return ForwardWork(flops=float(flops), weight_bytes=float((router + experts_hit * expert_params) * dtype_bytes),
+                       kv_bytes=0.0)

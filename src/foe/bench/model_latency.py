@@ -7,6 +7,9 @@ that background load hits all variants alike:
   foe    the FoE transformer of the same preset, fast path
   naive  the MoE transformer with every feed-forward swapped for the Hugging Face Mixtral-style loop
          of `model_naive.py` (same weights, same function)
+It also times one feed-forward layer alone (layer 0 of each model, and the naive loop over the MoE
+layer's weights) at every token count the sweep uses: the part of the layer the fast path replaces,
+without the attention and norms that all three variants share.
 Phases: "prefill" = B sequences of L new tokens written into an empty KV cache, logits for the last
 token of each (what generation does first); "decode" = one new token per sequence after L cached
 tokens, logits for it. Each variant gets `warmup` untimed calls, then `repeats` timed ones; we report
@@ -29,12 +32,13 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
+from typing import Any
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
-from foe.bench.model_floor import ForwardWork, MachineRates, forward_work, measure_machine
-from foe.bench.model_naive import naive_feed_forwards
+from foe.bench.model_floor import ForwardWork, MachineRates, ffn_work, forward_work, measure_machine
+from foe.bench.model_naive import NaiveSparseMoE, naive_feed_forwards
 from foe.config import ModelConfig
 from foe.model import DenseKVCache, ModelOutput, Transformer
 
@@ -53,6 +57,7 @@ class ModelBenchConfig:
     repeats: int = 7
     warmup: int = 1
     naive: bool = True
+    feed_forward: bool = True  # also time one feed-forward layer alone at each token count
     seed: int = 0
     threads: int | None = None  # None: torch's default
     max_prefill_tokens: int = 8192  # prefill shapes with B * L above this are skipped (they take long)
@@ -114,6 +119,28 @@ class Row:
             d[f"{arch}_tok_per_s"] = self.new_tokens / t[arch] * 1e3
             if "naive" in t:
                 d[f"{arch}_speedup_vs_naive"] = t["naive"] / t[arch]
+        if "naive" in t:  # naive uses the MoE weights: its floor is MoE's
+            d["naive_frac_floor"] = self.floor_ms["moe"] / t["naive"]
+        self.derived = d
+
+
+@dataclass
+class FeedForwardRow:
+    """One feed-forward layer alone over `tokens` tokens (FoE: every group's stream of them)."""
+    tokens: int
+    timings: dict[str, Timing]
+    floor_ms: dict[str, float]
+    derived: dict[str, float] = field(default_factory=dict)
+
+    def derive(self) -> None:
+        t = {k: v.median_ms for k, v in self.timings.items()}
+        d = {"foe_over_moe": t["foe"] / t["moe"]}
+        for arch in ("moe", "foe"):
+            d[f"{arch}_frac_floor"] = self.floor_ms[arch] / t[arch]
+            if "naive" in t:
+                d[f"{arch}_speedup_vs_naive"] = t["naive"] / t[arch]
+        if "naive" in t:
+            d["naive_frac_floor"] = self.floor_ms["moe"] / t["naive"]
         self.derived = d
 
 
@@ -161,12 +188,35 @@ def time_shape(models: dict[str, Transformer], phase: str, B: int, L: int, bench
             with naive_feed_forwards(m):
                 return _call(m, phase, i, c)
         calls["naive"] = naive
-    hit = {}
+    timings, outs = _interleaved(calls, bench)
+    return timings, {arch: int((outs[arch].expert_counts > 0).sum()) for arch in models}
+
+
+def time_feed_forward(models: dict[str, Transformer], tokens: int, bench: ModelBenchConfig
+                      ) -> tuple[dict[str, Timing], dict[str, int]]:
+    """Interleaved timings of layer 0's feed-forward of each model (and the naive loop over the MoE
+    layer's weights) on `tokens` random hidden states per group, and experts hit per arch."""
+    gen = torch.Generator().manual_seed(bench.seed + 104729 * tokens)
+    calls: dict[str, Callable[[], tuple]] = {}
+    for arch in ("moe", "foe"):
+        cfg = models[arch].cfg
+        x = torch.randn(cfg.num_groups, tokens, cfg.d_model, generator=gen)
+        calls[arch] = lambda f=models[arch].layers[0].ffn, x=x: f(x)
+    if bench.naive:
+        cfg = models["moe"].cfg
+        x = torch.randn(1, tokens, cfg.d_model, generator=gen)
+        calls["naive"] = lambda f=NaiveSparseMoE(models["moe"].layers[0].ffn), x=x: f(x)
+    timings, outs = _interleaved(calls, bench)
+    return timings, {arch: int((outs[arch][1].counts_E > 0).sum()) for arch in models}
+
+
+def _interleaved(calls: dict[str, Callable[[], Any]], bench: ModelBenchConfig
+                 ) -> tuple[dict[str, Timing], dict[str, Any]]:
+    """Warm up each call (keeping its first output), then time them round-robin `repeats` times."""
+    outs = {}
     with torch.inference_mode():
         for name, fn in calls.items():
-            out = fn()  # the first untimed call also tells which experts the shape's tokens hit
-            if name in models:
-                hit[name] = int((out.expert_counts > 0).sum())
+            outs[name] = fn()
             for _ in range(bench.warmup - 1):
                 fn()
         clock = CLOCKS[bench.clock]
@@ -176,7 +226,7 @@ def time_shape(models: dict[str, Transformer], phase: str, B: int, L: int, bench
                 t0 = clock()
                 fn()
                 samples[name].append(clock() - t0)
-    return {name: Timing.of(s) for name, s in samples.items()}, hit
+    return {name: Timing.of(s) for name, s in samples.items()}, outs
 
 
 def run_model_bench(bench: ModelBenchConfig, log: Callable[[str], None] = print) -> dict:
@@ -226,11 +276,20 @@ def _run(bench: ModelBenchConfig, log: Callable[[str], None]) -> dict:
                         {a: (w.weight_bytes + w.kv_bytes) / 1e6 for a, w in works[-1].items()}))
         log(f"  {phase:7s} B={B:<4d} L={L:<5d} " + "  ".join(
             f"{k} {v.median_ms:8.2f} ms" for k, v in timings.items()))
+    ffn_rows: list[FeedForwardRow] = []
+    ffn_works: list[dict[str, ForwardWork]] = []
+    if bench.feed_forward:
+        for T in sorted({new for p, L, B in shapes for new in [B * L if p == "prefill" else B]}):
+            timings, hit = time_feed_forward(models, T, bench)
+            ffn_works.append({arch: ffn_work(models[arch].cfg, T, hit[arch]) for arch in ("moe", "foe")})
+            ffn_rows.append(FeedForwardRow(T, timings, {}))
+            log(f"  ffn     T={T:<5d}        " + "  ".join(
+                f"{k} {v.median_ms:8.2f} ms" for k, v in timings.items()))
     rates_after = measure_machine(clock=CLOCKS[bench.clock])
     rates = MachineRates(max(rates_before.matmul_gflops, rates_after.matmul_gflops),
                          max(rates_before.copy_gbps, rates_after.copy_gbps), rates_before.threads,
                          rates_before.matmul_size, rates_before.copy_mib)
-    for row, work in zip(rows, works):
+    for row, work in [*zip(rows, works), *zip(ffn_rows, ffn_works)]:
         row.floor_ms = {a: w.floor_s(rates) * 1e3 for a, w in work.items()}
         row.derive()
     return {
@@ -241,28 +300,42 @@ def _run(bench: ModelBenchConfig, log: Callable[[str], None]) -> dict:
         "machine": {"rates": asdict(rates), "rates_before": asdict(rates_before),
                     "rates_after": asdict(rates_after), "cpu": _cpu_name(), "cores": _cores(),
                     "torch": torch.__version__, "python": platform.python_version(),
-                    "loadavg_before": load_before, "loadavg_after": os.getloadavg()},
+                    "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
+                    "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_")},  # foe.malloc
         "rows": [asdict(r) for r in rows],
+        "feed_forward_rows": [asdict(r) for r in ffn_rows],
         "skipped": skipped,
-        "targets": targets(rows),
+        "targets": targets(rows, ffn_rows),
         "wall_s": time.perf_counter() - start,
     }
 
 
-def targets(rows: list[Row]) -> dict[str, dict]:
+def targets(rows: list[Row], ffn_rows: list[FeedForwardRow] = ()) -> dict[str, dict]:
     """The issue's two targets: fast path >= 3x the naive loop at batch >= 16; prefill <= 2x the floor.
-    Each is reported per arch as the worst case over the rows it applies to (None if none apply)."""
+    Each is reported per arch as the worst case over the rows it applies to (None if none apply), with
+    the feed-forward layer alone beside it. "bound" is the physics: at each batch >= 16 row no code can
+    beat the naive loop by more than naive time / floor; the smallest such ratio caps the speedup
+    target on this machine."""
     out: dict[str, dict] = {}
     for arch in ("moe", "foe"):
         big = [r.derived[f"{arch}_speedup_vs_naive"] for r in rows
                if r.batch >= 16 and f"{arch}_speedup_vs_naive" in r.derived]
+        ffn = [r.derived[f"{arch}_speedup_vs_naive"] for r in ffn_rows
+               if r.tokens >= 16 and f"{arch}_speedup_vs_naive" in r.derived]
         pre = [1 / r.derived[f"{arch}_frac_floor"] for r in rows if r.phase == "prefill"]
         out[arch] = {
             "min_speedup_vs_naive_batch_ge_16": min(big) if big else None,
             "speedup_target_met": (min(big) >= 3.0) if big else None,
+            "ffn_min_speedup_vs_naive_tokens_ge_16": min(ffn) if ffn else None,
             "max_prefill_over_floor": max(pre) if pre else None,
             "floor_target_met": (max(pre) <= 2.0) if pre else None,
         }
+    capped = [r for r in rows if r.batch >= 16 and "naive_frac_floor" in r.derived]
+    if capped:
+        r = min(capped, key=lambda r: 1 / r.derived["naive_frac_floor"])
+        out["bound"] = {"phase": r.phase, "batch": r.batch, "seq_len": r.seq_len,
+                        "naive_frac_floor": r.derived["naive_frac_floor"],
+                        "max_possible_speedup": 1 / r.derived["naive_frac_floor"]}
     return out
 
 

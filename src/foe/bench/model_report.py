@@ -45,6 +45,8 @@ def format_table(result: dict) -> str:
                   f"{100 * d['foe_frac_floor']:.0f}%"]
         table.append(cells)
     lines.append(align_right(table))
+    if result.get("feed_forward_rows"):
+        lines.append(format_feed_forward(result))
     if result.get("skipped"):
         lines.append("skipped (B * L > --max-prefill-tokens): " + ", ".join(
             f"{s['phase']} B={s['batch']} L={s['seq_len']}" for s in result["skipped"]))
@@ -52,14 +54,49 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def format_feed_forward(result: dict) -> str:
+    """The feed-forward layer alone: what the fast path replaces, without the shared attention."""
+    rows = result["feed_forward_rows"]
+    has_naive = any("naive" in r["timings"] for r in rows)
+    head = ["tokens", "MoE ms", "FoE ms"] + (["naive ms"] if has_naive else []) + ["FoE/MoE"] + \
+        (["naive/MoE", "naive/FoE"] if has_naive else []) + ["floor ms", "MoE %floor", "FoE %floor"] + \
+        (["naive %floor"] if has_naive else [])
+    table = [head]
+    for row in rows:
+        t, d = row["timings"], row["derived"]
+        naive = "naive" in t
+        cells = [str(row["tokens"]), _ms(t["moe"]), _ms(t["foe"])]
+        cells += [_ms(t["naive"]) if naive else "-"] if has_naive else []
+        cells.append(f"{d['foe_over_moe']:.2f}")
+        if has_naive:
+            cells += [f"{d['moe_speedup_vs_naive']:.2f}x" if naive else "-",
+                      f"{d['foe_speedup_vs_naive']:.2f}x" if naive else "-"]
+        cells += [f"{row['floor_ms']['moe']:.3f}", f"{100 * d['moe_frac_floor']:.0f}%",
+                  f"{100 * d['foe_frac_floor']:.0f}%"]
+        cells += [f"{100 * d['naive_frac_floor']:.0f}%" if naive else "-"] if has_naive else []
+        table.append(cells)
+    return "one feed-forward layer alone (layer 0; router + experts + combine):\n" + align_right(table)
+
+
 def format_targets(result: dict) -> str:
     out = ["targets: fast path >= 3x naive at batch >= 16; prefill within 2x of the floor"]
-    for arch, t in result["targets"].items():
+    targets = result["targets"]
+    for arch in ("moe", "foe"):
+        t = targets[arch]
         s = t["min_speedup_vs_naive_batch_ge_16"]
         f = t["max_prefill_over_floor"]
         speed = "n/a" if s is None else f"worst {s:.2f}x -> {'met' if t['speedup_target_met'] else 'NOT met'}"
+        ffn = t.get("ffn_min_speedup_vs_naive_tokens_ge_16")
+        speed += "" if ffn is None else f" (feed-forward alone, >= 16 tokens: worst {ffn:.2f}x)"
         floor = "n/a" if f is None else f"worst {f:.2f}x floor -> {'met' if t['floor_target_met'] else 'NOT met'}"
         out.append(f"  {arch}: speedup vs naive {speed}; prefill {floor}")
+    b = targets.get("bound")
+    if b:
+        verdict = ("so 3x is out of reach on this machine" if b["max_possible_speedup"] < 3
+                   else "so 3x is possible in principle")
+        out.append(f"  bound: at {b['phase']} B={b['batch']} L={b['seq_len']} the naive loop already runs at "
+                   f"{100 * b['naive_frac_floor']:.0f}% of the floor: no code can be more than "
+                   f"{b['max_possible_speedup']:.2f}x faster there, {verdict}")
     return "\n".join(out)
 
 

@@ -38,6 +38,8 @@ def register(commands: argparse._SubParsersAction, bench: argparse._SubParsersAc
     p.add_argument("--repeats", type=int, default=7, help="timed calls per variant and shape (default 7)")
     p.add_argument("--warmup", type=int, default=1, help="untimed calls first (default 1)")
     p.add_argument("--no-naive", action="store_true", help="skip the naive per-expert loop baseline")
+    p.add_argument("--no-feed-forward", action="store_true",
+                   help="skip timing one feed-forward layer alone at each token count")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--clock", choices=("auto", "wall", "cpu"), default="auto",
                    help="wall: elapsed time; cpu: the thread's CPU time, for a busy shared machine (needs "
@@ -59,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
 
     bench = ModelBenchConfig(preset=args.preset, batch_sizes=args.batch_sizes, seq_lens=args.seq_lens,
                              phases=args.phases, repeats=args.repeats, warmup=args.warmup,
-                             naive=not args.no_naive, seed=args.seed, threads=args.threads,
+                             naive=not args.no_naive, feed_forward=not args.no_feed_forward, seed=args.seed, threads=args.threads,
                              max_prefill_tokens=args.max_prefill_tokens, clock=args.clock)
     result = run_model_bench(bench)
     print()

@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from foe.malloc import tune_malloc
+    tune_malloc()  # before the first large tensor: freed activations stay in the heap (see foe/malloc.py)
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
