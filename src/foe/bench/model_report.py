@@ -105,10 +105,13 @@ def plot(result: dict, path: str | Path) -> Path:
     from foe.plotting import pyplot, save_figure
     plt = pyplot()
 
-    rows = result["rows"]
+    rows, ffn_rows = result["rows"], result.get("feed_forward_rows") or []
     phases = [p for p in ("prefill", "decode") if any(r["phase"] == p for r in rows)]
-    fig, axes = plt.subplots(1, len(phases), figsize=(6.5 * len(phases), 4.8), squeeze=False)
+    panels = len(phases) + bool(ffn_rows)
+    fig, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 4.8), squeeze=False)
     styles = {"moe": ("tab:blue", "o"), "foe": ("tab:orange", "s"), "naive": ("tab:gray", "^")}
+    if ffn_rows:
+        _plot_feed_forward(axes[0][-1], ffn_rows, styles)
     for ax, phase in zip(axes[0], phases):
         for i, L in enumerate(sorted({r["seq_len"] for r in rows if r["phase"] == phase})):
             sel = sorted((r for r in rows if r["phase"] == phase and r["seq_len"] == L), key=lambda r: r["batch"])
@@ -133,3 +136,19 @@ def plot(result: dict, path: str | Path) -> Path:
                  f"{result['settings']['clock']} clock, "
                  f"{r['matmul_gflops']:.0f} GFLOP/s, {r['copy_gbps']:.1f} GB/s")
     return save_figure(fig, path)
+
+
+def _plot_feed_forward(ax, rows: list[dict], styles: dict[str, tuple[str, str]]) -> None:
+    """One feed-forward layer alone: latency against tokens, each variant and the floor."""
+    tokens = [r["tokens"] for r in rows]
+    for name, (color, marker) in styles.items():
+        if all(name in r["timings"] for r in rows):
+            ax.plot(tokens, [r["timings"][name]["median_ms"] for r in rows], color=color, marker=marker, label=name)
+    ax.plot(tokens, [r["floor_ms"]["moe"] for r in rows], color="black", linestyle="--", linewidth=1, label="floor")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("tokens")
+    ax.set_ylabel("latency, ms (median)")
+    ax.set_title("one feed-forward layer alone")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
