@@ -160,12 +160,15 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.tokens <= 0 or (args.seq_len is not None and args.seq_len <= 0):
         raise ValueError("--tokens and --seq-len must be positive")
-    torch.set_num_threads(1)
-
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a shared machine; counts do not depend on speed
     streams: dict[str, tuple[torch.Tensor, str]] = {}
     runs: dict[str, dict[str, Any]] = {}
-    for arch in ("moe", "foe"):
-        runs |= measure_arch(arch, args, streams)
+    try:
+        for arch in ("moe", "foe"):
+            runs |= measure_arch(arch, args, streams)
+    finally:
+        torch.set_num_threads(threads)  # callers in the same process (tests) keep their setting
 
     # The cost model uses the text-input skew (real prompts are not uniform random ids) of the
     # trained weights where a checkpoint was given: a trained router with a balancing loss is what serves.
