@@ -70,8 +70,9 @@ def test_text_goes_through_the_checkpoints_tokenizer(tmp_path: Path, docs: list[
         measured = np.array(run["counts"])
         np.testing.assert_array_equal(measured, _counts(ckpt, bpe))
         assert not np.array_equal(measured, _counts(ckpt, raw))
-        picks = ROWS * SEQ * tiny(arch).top_k / tiny(arch).num_groups
-        assert stats["recommended"][f"cv_{arch}"] == pytest.approx(popularity_cv(measured, tiny(arch).num_groups, picks))
+        cfg = tiny(arch)
+        cv = popularity_cv(measured, cfg.num_groups, ROWS * SEQ * cfg.top_k / cfg.num_groups)
+        assert stats["recommended"][f"cv_{arch}"] == pytest.approx(cv)
     # The random-init twin of each checkpoint sees the same ids, with other weights.
     assert stats["runs"]["moe-init-text"]["counts"] != stats["runs"]["moe-trained-text"]["counts"]
     rs = load_routing_stats(path=tmp_path / "stats.json")
