@@ -75,7 +75,9 @@ def register(commands: argparse._SubParsersAction, bench: argparse._SubParsersAc
     p = sub.add_parser("calibrate", help="fit the cpu-gloo preset to measurements; predicted vs measured")
     p.add_argument("--measured", type=Path, default=None, help="measure_cpu.py JSON (default: the stored one)")
     p.add_argument("--bench-json", type=Path, default=None, help="foe bench forward JSON to check against")
-    p.add_argument("--no-save", action="store_true", help="do not update the stored cpu-gloo calibration")
+    p.add_argument("--save", action="store_true",
+                   help="also replace the calibration shipped in the package (src/foe/sim/data/"
+                        "cpu_gloo_calibrated.json), which `--cluster cpu-gloo` uses; by default only OUT is written")
     p.add_argument("--out", type=Path, default=Path("results/sim"))
     p.set_defaults(func=calibrate)
 
@@ -227,6 +229,9 @@ def calibrate(args: argparse.Namespace) -> int:
         print("(no --bench-json: calibrated on gloo collectives and single-process forwards only)")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "calibration.json").write_text(json.dumps(result, indent=1) + "\n")
-    if not args.no_save:
-        print(f"saved the cpu-gloo calibration to {save(result)}")
+    cluster = args.out / "cpu_gloo_fitted.json"
+    cluster.write_text(json.dumps(result["cluster"], indent=1) + "\n")
+    print(f"wrote {args.out / 'calibration.json'} and {cluster} (use it with --cluster {cluster})")
+    if args.save:
+        print(f"replaced the shipped cpu-gloo calibration: {save(result)}")
     return 0
