@@ -99,6 +99,20 @@ class Timing:
         return cls(statistics.median(ms), q[0], q[-1])
 
 
+def _ratios(timings: dict[str, Timing], floor_ms: dict[str, float], tokens: int) -> dict[str, float]:
+    """FoE/MoE, each arch's fraction of its floor, tokens/s, and speedups over the naive loop."""
+    t = {k: v.median_ms for k, v in timings.items()}
+    d = {"foe_over_moe": t["foe"] / t["moe"]}
+    for arch in ("moe", "foe"):
+        d[f"{arch}_frac_floor"] = floor_ms[arch] / t[arch]
+        d[f"{arch}_tok_per_s"] = tokens / t[arch] * 1e3
+        if "naive" in t:
+            d[f"{arch}_speedup_vs_naive"] = t["naive"] / t[arch]
+    if "naive" in t:  # naive uses the MoE weights: its floor is MoE's
+        d["naive_frac_floor"] = floor_ms["moe"] / t["naive"]
+    return d
+
+
 @dataclass
 class Row:
     phase: str
@@ -112,16 +126,7 @@ class Row:
     derived: dict[str, float] = field(default_factory=dict)
 
     def derive(self) -> None:
-        t = {k: v.median_ms for k, v in self.timings.items()}
-        d = {"foe_over_moe": t["foe"] / t["moe"]}
-        for arch in ("moe", "foe"):
-            d[f"{arch}_frac_floor"] = self.floor_ms[arch] / t[arch]
-            d[f"{arch}_tok_per_s"] = self.new_tokens / t[arch] * 1e3
-            if "naive" in t:
-                d[f"{arch}_speedup_vs_naive"] = t["naive"] / t[arch]
-        if "naive" in t:  # naive uses the MoE weights: its floor is MoE's
-            d["naive_frac_floor"] = self.floor_ms["moe"] / t["naive"]
-        self.derived = d
+        self.derived = _ratios(self.timings, self.floor_ms, self.new_tokens)
 
 
 @dataclass
@@ -133,15 +138,7 @@ class FeedForwardRow:
     derived: dict[str, float] = field(default_factory=dict)
 
     def derive(self) -> None:
-        t = {k: v.median_ms for k, v in self.timings.items()}
-        d = {"foe_over_moe": t["foe"] / t["moe"]}
-        for arch in ("moe", "foe"):
-            d[f"{arch}_frac_floor"] = self.floor_ms[arch] / t[arch]
-            if "naive" in t:
-                d[f"{arch}_speedup_vs_naive"] = t["naive"] / t[arch]
-        if "naive" in t:
-            d["naive_frac_floor"] = self.floor_ms["moe"] / t["naive"]
-        self.derived = d
+        self.derived = _ratios(self.timings, self.floor_ms, self.tokens)
 
 
 def build_models(bench: ModelBenchConfig) -> dict[str, Transformer]:
