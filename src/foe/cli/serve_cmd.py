@@ -12,15 +12,37 @@ if TYPE_CHECKING:
     from foe.engine.scheduler import SchedulerConfig
 
 
+def positive_int(s: str) -> int:
+    """argparse type: an integer >= 1 (argparse names the option in its error)."""
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {s!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+def port_number(s: str) -> int:
+    """argparse type: a TCP port, 0..65535 (0: any free port; the banner prints the one bound)."""
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {s!r}") from None
+    if not 0 <= v <= 65535:
+        raise argparse.ArgumentTypeError(f"must be in 0..65535 (0: any free port), got {v}")
+    return v
+
+
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("engine")
-    g.add_argument("--max-num-seqs", type=int, default=64, help="sequences per step and shard (default 64)")
-    g.add_argument("--max-num-batched-tokens", type=int, default=512,
+    g.add_argument("--max-num-seqs", type=positive_int, default=64, help="sequences per step and shard (default 64)")
+    g.add_argument("--max-num-batched-tokens", type=positive_int, default=512,
                    help="token budget per step and shard: the chunked-prefill size (default 512)")
-    g.add_argument("--num-blocks", type=int, default=None,
+    g.add_argument("--num-blocks", type=positive_int, default=None,
                    help="KV blocks per shard (default: enough for max-num-seqs full-length sequences, "
                         "capped at 1 GiB of KV)")
-    g.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default 16)")
+    g.add_argument("--block-size", type=positive_int, default=16, help="tokens per KV block (default 16)")
     g.add_argument("--enable-prefix-caching", action="store_true", help="share KV blocks of common prompt prefixes")
 
 
@@ -33,16 +55,18 @@ def register(commands: argparse._SubParsersAction, bench: argparse._SubParsersAc
     _add_engine_args(p)
     g = p.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
-    g.add_argument("--port", type=int, default=8000)
+    g.add_argument("--port", type=port_number, default=8000, help="TCP port (default 8000; 0: any free port)")
     g.add_argument("--served-model-name", default=None, help="model id in the API (default: foe-<arch>)")
     g.add_argument("--chat-template", metavar="FILE", default=None,
-                   help="Jinja2 chat template over `messages`; enables /v1/chat/completions")
+                   help="Hugging Face-style Jinja2 chat template; enables /v1/chat/completions (default: the "
+                        "checkpoint's tokenizer_config.json chat_template, if any)")
     g = p.add_argument_group("parallel")
     g.add_argument("--strategy", choices=("none", "ep", "tp", "gp"), default="none",
                    help="how ranks split the model: ep/tp (MoE), gp (FoE); none = one process (default)")
-    g.add_argument("--nproc", type=int, default=1, help="number of ranks (local gloo processes; default 1)")
-    g.add_argument("--ranks-per-group", type=int, default=1, help="gp: ranks sharing one FoE group")
-    g.add_argument("--ranks-per-node", type=int, default=None, help="node layout for communication accounting")
+    g.add_argument("--nproc", type=positive_int, default=1, help="number of ranks (local gloo processes; default 1)")
+    g.add_argument("--ranks-per-group", type=positive_int, default=1, help="gp: ranks sharing one FoE group")
+    g.add_argument("--ranks-per-node", type=positive_int, default=None,
+                   help="node layout for communication accounting")
     p.set_defaults(func=serve)
 
     b = bench.add_parser("engine", help="engine throughput: continuous batching vs one-at-a-time vs static batches",
@@ -50,11 +74,11 @@ def register(commands: argparse._SubParsersAction, bench: argparse._SubParsersAc
                                      "after another and in static batches, in one run; prints ratios.")
     add_model_args(b, default_preset="small")
     _add_engine_args(b)
-    b.add_argument("--num-requests", type=int, default=24)
+    b.add_argument("--num-requests", type=positive_int, default=24)
     b.add_argument("--prompt-len", default="16:128", help="prompt length range lo:hi (default 16:128)")
     b.add_argument("--output-len", default="16:64", help="output length range lo:hi (default 16:64)")
-    b.add_argument("--static-batch", type=int, default=8, help="batch size of the static-batching baseline")
-    b.add_argument("--repeats", type=int, default=2, help="rounds over all modes; best time per mode (default 2)")
+    b.add_argument("--static-batch", type=positive_int, default=8, help="batch size of the static-batching baseline")
+    b.add_argument("--repeats", type=positive_int, default=2, help="rounds over all modes; best time per mode (default 2)")
     b.add_argument("--json", metavar="FILE", default=None, help="also write the results as JSON")
     b.set_defaults(func=bench_engine)
 
@@ -83,6 +107,7 @@ def _scheduler_config(args: argparse.Namespace, model_cfg: ModelConfig, dp_size:
 
 def serve(args: argparse.Namespace) -> int:
     from foe.cli.common import config_from_args
+    from foe.engine.chat import ChatTemplate, chat_settings
     from foe.engine.launch import serve_forever
     from foe.engine.server import ServerConfig
     from foe.engine.worker import ModelSpec
@@ -94,18 +119,12 @@ def serve(args: argparse.Namespace) -> int:
                         ranks_per_node=args.ranks_per_node)
     dims.validate(model_cfg)
     spec = ModelSpec(checkpoint=args.checkpoint, config=None if args.checkpoint else model_cfg, seed=args.seed)
-    chat = None
-    if args.chat_template:
-        with open(args.chat_template, encoding="utf-8") as f:
-            chat = f.read()
-    elif args.checkpoint:  # a template that travels with the tokenizer, as in Hugging Face checkpoints
-        import json
-        from pathlib import Path
-        tok_cfg = Path(args.checkpoint) / "tokenizer_config.json"
-        if tok_cfg.is_file():
-            chat = json.loads(tok_cfg.read_text()).get("chat_template")
+    # the template (from the file or the checkpoint's tokenizer_config.json) compiles before anything loads
+    chat, bos, eos = chat_settings(args.checkpoint, args.chat_template)
+    if chat is not None:
+        ChatTemplate(chat)
     server_cfg = ServerConfig(model_name=args.served_model_name or f"foe-{model_cfg.arch}", host=args.host,
-                              port=args.port, chat_template=chat)
+                              port=args.port, chat_template=chat, bos_token=bos, eos_token=eos)
     return serve_forever(spec, dims, _scheduler_config(args, model_cfg, dims.dp_size), server_cfg)
 
 

@@ -1,6 +1,10 @@
-"""Putting a server together: model spec -> executor (one process or P ranks) -> LLMEngine ->
-AsyncEngine -> FastAPI app -> uvicorn. Also `ServerHandle`, an in-process server on a free port
-for tests and benchmarks.
+"""Putting a server together: listening socket -> model spec -> executor (one process or P ranks) ->
+LLMEngine -> AsyncEngine -> FastAPI app -> uvicorn. Also `ServerHandle`, an in-process server on a free
+port for tests and benchmarks.
+
+The socket is bound before the model loads, so a port in use (or out of range) fails at once with a
+clear error, and the "on http://..." banner is printed only once uvicorn is serving on it (with the
+real port when --port 0 asked for any free one).
 
 A dead engine (a worker rank died, a step raised) makes the server answer 503 and exit: uvicorn is
 asked to stop, and if that has not happened within a few seconds the process exits anyway.
@@ -9,9 +13,11 @@ asked to stop, and if that has not happened within a few seconds the process exi
 from __future__ import annotations
 
 import os
+import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 
 import uvicorn
 
@@ -21,7 +27,6 @@ from foe.engine.scheduler import SchedulerConfig
 from foe.engine.server import ServerConfig, build_app
 from foe.engine.worker import DistributedExecutor, ModelSpec
 from foe.parallel import ParallelDims
-from foe.parallel.launch import free_port
 from foe.tokenizer import load_tokenizer
 
 EXIT_GRACE_S = 3.0
@@ -39,8 +44,41 @@ def build_engine(spec: ModelSpec, dims: ParallelDims, cfg: SchedulerConfig) -> L
     return LLMEngine(executor, cfg, model_cfg, load_tokenizer(spec.checkpoint))
 
 
-def _uvicorn(app, host: str, port: int) -> uvicorn.Server:
-    return uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off"))
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to (host, port), not yet listening (uvicorn listens on it); port 0 = any free
+    port. ValueError with the reason when that is impossible."""
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port must be in 0..65535, got {port}")
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    except socket.gaierror as e:
+        raise ValueError(f"cannot resolve host {host!r}: {e.strerror}") from None
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: rebinding after a restart works
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise ValueError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    return sock
+
+
+class _Server(uvicorn.Server):
+    """uvicorn, calling `on_started` once it is accepting connections."""
+
+    def __init__(self, config: uvicorn.Config, on_started: Callable[[], None] | None = None) -> None:
+        super().__init__(config)
+        self.on_started = on_started
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started and self.on_started is not None:
+            self.on_started()
+
+
+def _uvicorn(app, sock: socket.socket, on_started: Callable[[], None] | None = None) -> _Server:
+    host, port = sock.getsockname()[:2]
+    return _Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off"), on_started)
 
 
 def _wire_failure(engine: LLMEngine, async_engine: AsyncEngine) -> None:
@@ -49,7 +87,12 @@ def _wire_failure(engine: LLMEngine, async_engine: AsyncEngine) -> None:
 
 
 def serve_forever(spec: ModelSpec, dims: ParallelDims, cfg: SchedulerConfig, server_cfg: ServerConfig) -> int:
-    engine = build_engine(spec, dims, cfg)
+    sock = bind_socket(server_cfg.host, server_cfg.port)
+    try:
+        engine = build_engine(spec, dims, cfg)
+    except BaseException:
+        sock.close()
+        raise
     holder: dict[str, uvicorn.Server] = {}
 
     def on_dead(reason: str) -> None:
@@ -59,14 +102,18 @@ def serve_forever(spec: ModelSpec, dims: ParallelDims, cfg: SchedulerConfig, ser
 
     async_engine = AsyncEngine(engine, on_dead=on_dead)
     _wire_failure(engine, async_engine)
-    app = build_app(async_engine, engine.tokenizer, server_cfg)
-    server = holder["server"] = _uvicorn(app, server_cfg.host, server_cfg.port)
-    print(f"foe serve: {server_cfg.model_name} ({spec.model_config.arch}, {dims.describe()}) on "
-          f"http://{server_cfg.host}:{server_cfg.port}  [KV: {cfg.num_blocks} blocks x {cfg.block_size} tokens"
-          f" per shard]", flush=True)
+    port = sock.getsockname()[1]
+
+    def banner() -> None:
+        print(f"foe serve: {server_cfg.model_name} ({spec.model_config.arch}, {dims.describe()}) on "
+              f"http://{server_cfg.host}:{port}  [KV: {cfg.num_blocks} blocks x {cfg.block_size} tokens"
+              f" per shard]", flush=True)
     try:
-        server.run()
+        app = build_app(async_engine, engine.tokenizer, server_cfg)
+        server = holder["server"] = _uvicorn(app, sock, banner)
+        server.run(sockets=[sock])
     finally:
+        sock.close()
         async_engine.shutdown()
         if not async_engine.dead:
             engine.close()
@@ -78,13 +125,18 @@ class ServerHandle:
 
     def __init__(self, engine: LLMEngine, server_cfg: ServerConfig | None = None) -> None:
         self.engine = engine
-        self.port = free_port()
         self.server_cfg = server_cfg or ServerConfig()
         self.async_engine = AsyncEngine(engine)
         _wire_failure(engine, self.async_engine)
-        self.app = build_app(self.async_engine, engine.tokenizer, self.server_cfg)
-        self.server = _uvicorn(self.app, "127.0.0.1", self.port)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        try:
+            self.app = build_app(self.async_engine, engine.tokenizer, self.server_cfg)
+        except BaseException:
+            self.async_engine.shutdown()
+            raise
+        self.sock = bind_socket("127.0.0.1", 0)
+        self.port = self.sock.getsockname()[1]
+        self.server = _uvicorn(self.app, self.sock)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
     @property
     def url(self) -> str:
@@ -102,5 +154,6 @@ class ServerHandle:
     def __exit__(self, *exc: object) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=10)
+        self.sock.close()
         self.async_engine.shutdown()
         self.engine.close()

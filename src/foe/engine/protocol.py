@@ -2,7 +2,8 @@
 conversion to engine `RequestParams`, the legacy completions `logprobs` block, and error bodies.
 
 Unknown fields are ignored (clients send many optional ones); fields we know but do not implement
-(n > 1, best_of, penalties, suffix) are refused with a clear message rather than silently ignored.
+(n > 1, best_of, penalties, suffix, logit_bias) are refused with a clear message rather than silently
+ignored. The chat `logprobs` layout lives in `chat.py`.
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ class SamplingFields(BaseModel):
     temperature: float | None = Field(None, ge=0, le=100)
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=-1)  # vLLM convention: -1 or 0 = off
-    seed: int | None = None
+    # torch.Generator.manual_seed takes a 64-bit integer; vLLM accepts exactly torch.long's range
+    seed: int | None = Field(None, ge=-(1 << 63), le=(1 << 63) - 1)
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
@@ -56,6 +58,7 @@ class SamplingFields(BaseModel):
     n: int = Field(1, ge=1)
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
     user: str | None = None
 
     def check_supported(self) -> None:
@@ -64,6 +67,8 @@ class SamplingFields(BaseModel):
         for name in ("presence_penalty", "frequency_penalty"):
             if getattr(self, name) not in (None, 0, 0.0):
                 raise APIError(f"{name} is not supported (use 0)", param=name)
+        if self.logit_bias:  # {} and null change nothing, so they are accepted
+            raise APIError("logit_bias is not supported", param="logit_bias")
 
     def request_params(self, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None) -> RequestParams:
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
@@ -90,6 +95,9 @@ class CompletionRequest(SamplingFields):
             raise APIError("best_of is not supported", param="best_of")
         if self.suffix:
             raise APIError("suffix is not supported", param="suffix")
+        if self.max_tokens == 0 and not self.echo:  # as vLLM: generating nothing only makes sense to score
+            raise APIError("max_tokens must be at least 1 (0 only with echo: true, to score the prompt)",
+                           param="max_tokens")
 
 
 class ChatMessage(BaseModel):
@@ -103,6 +111,20 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=0)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        if self.top_logprobs and not self.logprobs:  # as OpenAI and vLLM
+            raise APIError("top_logprobs needs logprobs: true", param="top_logprobs")
+
+    def generation_limit(self) -> tuple[int | None, str]:
+        """The requested number of tokens to generate and the field it came from. max_completion_tokens
+        wins over the deprecated max_tokens; 0 is refused, since a chat completion has nothing to echo."""
+        name = "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
+        n = getattr(self, name)
+        if n == 0:
+            raise APIError(f"{name} must be at least 1, got 0", param=name)
+        return n, name
 
 
 def token_text(tok: Tokenizer, token_id: int) -> str:

@@ -1,5 +1,6 @@
 """OpenAI-compatible HTTP server over an `AsyncEngine`: /v1/completions (SSE streaming, logprobs, echo),
-/v1/chat/completions (only when a chat template is configured), /v1/models, /health, /metrics.
+/v1/chat/completions (only when a chat template is configured; logprobs, streaming), /v1/models,
+/health, /metrics.
 
 Text in, text out with the checkpoint's tokenizer; prompts may also be token ids (as lm-eval's
 local-completions sends them). Every error is an OpenAI-style body with a 4xx/5xx status. A dead engine
@@ -19,9 +20,11 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.exceptions import HTTPException
 from tokenizers import Tokenizer
 
 from foe.engine.async_engine import AsyncEngine, EngineDeadError, RequestStream
+from foe.engine.chat import ChatTemplate, chat_logprobs, default_eos
 from foe.engine.engine import RequestOutput
 from foe.engine.protocol import (APIError, ChatCompletionRequest, CompletionRequest, error_body,
                                  logprobs_block)
@@ -33,20 +36,29 @@ class ServerConfig:
     model_name: str = "foe"
     host: str = "127.0.0.1"
     port: int = 8000
-    chat_template: str | None = None  # a Jinja2 template over `messages` (and add_generation_prompt)
+    chat_template: str | None = None  # a Hugging Face-style Jinja2 chat template (see chat.py)
+    bos_token: str = ""  # what the template's {{ bos_token }} / {{ eos_token }} print;
+    eos_token: str | None = None  # None: the tokenizer's EOS token if it has one, else ""
 
 
 def build_app(engine: AsyncEngine, tokenizer: Tokenizer, cfg: ServerConfig) -> FastAPI:
+    """The app; ValueError for a chat template that does not compile."""
     app = FastAPI(title="foe", docs_url=None, redoc_url=None)
     max_len = engine.engine.max_seq_len
     chat = None
     if cfg.chat_template is not None:
-        import jinja2
-        chat = jinja2.Environment(undefined=jinja2.StrictUndefined).from_string(cfg.chat_template)
+        chat = ChatTemplate(cfg.chat_template, cfg.bos_token,
+                            default_eos(tokenizer) if cfg.eos_token is None else cfg.eos_token)
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, e: APIError) -> JSONResponse:
         return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(_: Request, e: HTTPException) -> JSONResponse:
+        # Starlette's own errors (a body that is not UTF-8, an unknown path, a wrong method) in OpenAI's shape
+        kind = "invalid_request_error" if e.status_code < 500 else "server_error"
+        return JSONResponse(error_body(str(e.detail), kind), status_code=e.status_code, headers=e.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, e: RequestValidationError) -> JSONResponse:
@@ -106,13 +118,18 @@ def build_app(engine: AsyncEngine, tokenizer: Tokenizer, cfg: ServerConfig) -> F
         return ids
 
     def params_for(req: CompletionRequest | ChatCompletionRequest, n_prompt: int, max_tokens: int | None,
-                   logprobs: int | None, prompt_logprobs: int | None) -> RequestParams:
+                   logprobs: int | None, prompt_logprobs: int | None, limit_name: str = "max_tokens"
+                   ) -> RequestParams:
         if max_tokens is None:
             max_tokens = max_len - n_prompt
+            if max_tokens < 1 and prompt_logprobs is None:  # a full-context prompt leaves nothing to generate
+                raise APIError(f"the prompt has {n_prompt} tokens and fills the model's context ({max_len})",
+                               param="messages" if isinstance(req, ChatCompletionRequest) else "prompt",
+                               code="context_length_exceeded")
         if n_prompt + max_tokens > max_len:
             raise APIError(f"the model's context is {max_len} tokens, but {n_prompt + max_tokens} were "
                            f"requested ({n_prompt} in the prompt, {max_tokens} to generate)",
-                           param="max_tokens", code="context_length_exceeded")
+                           param=limit_name, code="context_length_exceeded")
         try:
             return req.request_params(max_tokens, logprobs, prompt_logprobs)
         except ValueError as e:
@@ -257,35 +274,51 @@ def build_app(engine: AsyncEngine, tokenizer: Tokenizer, cfg: ServerConfig) -> F
                            status=404, code="chat_not_supported")
         check_model(req.model)
         req.check_supported()
-        prompt = chat.render(messages=[m.model_dump() for m in req.messages], add_generation_prompt=True)
-        (ids,) = encode_prompts(prompt)
+        max_tokens, limit_name = req.generation_limit()
+        (ids,) = encode_prompts(chat.render([m.model_dump() for m in req.messages]))
         top = (req.top_logprobs or 0) if req.logprobs else None
-        stream = await start(ids, params_for(req, len(ids), req.max_completion_tokens or req.max_tokens, top, None))
+        stream = await start(ids, params_for(req, len(ids), max_tokens, top, None, limit_name))
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": rid, "object": "chat.completion", "created": created, "model": cfg.model_name}
+
+        def usage(n: int) -> dict[str, int]:
+            return {"prompt_tokens": len(ids), "completion_tokens": n, "total_tokens": len(ids) + n}
+
+        def lp(entries: list) -> dict[str, Any] | None:
+            return chat_logprobs(tokenizer, entries, top) if top is not None else None
         if req.stream:
-            async def chunks() -> AsyncIterator[dict[str, Any]]:
-                h = {**head, "object": "chat.completion.chunk"}
-                yield {**h, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                         "finish_reason": None}]}
-                try:
-                    async for o in stream:
-                        yield {**h, "choices": [{"index": 0, "delta": {"content": o.new_text} if o.new_text else {},
-                                                 "finish_reason": o.seq.finish_reason if o.finished else None}]}
-                finally:
-                    await stream.aclose()
-            return sse(chunks())
-        text, n, last = "", 0, None
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return sse(stream_chat({**head, "object": "chat.completion.chunk"}, stream, lp,
+                                   usage if include_usage else None))
+        text, n, lps, last = "", 0, [], None
         try:
             async for o in stream:
                 text, n, last = text + o.new_text, n + len(o.new_token_ids), o
+                lps += o.new_logprobs
         except EngineDeadError as e:
             raise APIError(str(e), status=503, type="server_error") from None
         finally:
             await stream.aclose()
         return {**head, "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                                     "finish_reason": last.seq.finish_reason}],
-                "usage": {"prompt_tokens": len(ids), "completion_tokens": n, "total_tokens": len(ids) + n}}
+                                     "logprobs": lp(lps), "finish_reason": last.seq.finish_reason}],
+                "usage": usage(n)}
+
+    async def stream_chat(head: dict, stream: RequestStream, lp: Any, usage: Any) -> AsyncIterator[dict[str, Any]]:
+        """Chunks as OpenAI sends them: the role first, then one per step with new tokens (content delta
+        and their logprobs), the finish_reason on the last, then the usage chunk if asked for."""
+        yield {**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                    "finish_reason": None}]}
+        n = 0
+        try:
+            async for o in stream:
+                n += len(o.new_token_ids)
+                yield {**head, "choices": [{"index": 0, "delta": {"content": o.new_text} if o.new_text else {},
+                                            "logprobs": lp(o.new_logprobs) if o.new_logprobs else None,
+                                            "finish_reason": o.seq.finish_reason if o.finished else None}]}
+        finally:
+            await stream.aclose()
+        if usage is not None:
+            yield {**head, "choices": [], "usage": usage(n)}
 
     def sse(chunks: AsyncIterator[dict[str, Any]]) -> StreamingResponse:
         async def body() -> AsyncIterator[str]:
