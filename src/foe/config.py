@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import typing
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -53,6 +55,7 @@ class ModelConfig:
             if not cond:
                 raise ValueError(f"invalid ModelConfig: {msg}")
 
+        _check_field_types(self)
         need(self.arch in ARCHS, f"arch must be one of {ARCHS}, got {self.arch!r}")
         need(self.sync in SYNCS, f"sync must be one of {SYNCS}, got {self.sync!r}")
         need(self.router_score in ROUTER_SCORES,
@@ -161,6 +164,34 @@ class ModelConfig:
         base.update(overrides)
         return cls(**base)
 
+
+def _check_field_types(cfg: ModelConfig) -> None:
+    """Every field against its annotation, so that a hand-edited config.json fails with a message naming
+    the field rather than deep inside the model. bool is a subclass of int in Python, so `true` would pass
+    as 1 without the explicit exclusion; a float field accepts an int (JSON writes 10000.0 as 10000 in some
+    tools) and stores it as a float, so that equal configs serialise alike."""
+    for f in dataclasses.fields(cfg):
+        value, expected = getattr(cfg, f.name), _FIELD_TYPES[f.name]
+        if typing.get_origin(expected) is Literal:
+            ok, want = isinstance(value, str) and value in typing.get_args(expected), \
+                f"one of {typing.get_args(expected)}"
+        elif expected is bool:
+            ok, want = isinstance(value, bool), "a bool (true/false)"
+        elif expected is int:
+            ok, want = isinstance(value, int) and not isinstance(value, bool), "an int"
+        elif expected is float:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            want = "a finite float"
+            if ok:
+                object.__setattr__(cfg, f.name, float(value))
+        else:
+            ok, want = isinstance(value, expected), f"a {expected.__name__}"
+        if not ok:
+            raise ValueError(f"invalid ModelConfig: {f.name} must be {want}, got {value!r} "
+                             f"({type(value).__name__})")
+
+
+_FIELD_TYPES: dict[str, Any] = typing.get_type_hints(ModelConfig)
 
 # Keys that a Hugging Face-style config.json may carry beside ours; ignored on load.
 _HF_KEYS = {"model_type", "architectures", "auto_map", "torch_dtype", "transformers_version",

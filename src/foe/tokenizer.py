@@ -76,5 +76,12 @@ def load_tokenizer(directory: str | Path | None) -> Tokenizer:
     return byte_level_tokenizer()
 
 
+def check_vocab_fits(tok: Tokenizer, vocab_size: int, where: str = "the tokenizer") -> None:
+    """A model can only embed ids below its vocab_size; a larger tokenizer would index past the table."""
+    if tok.get_vocab_size() > vocab_size:
+        raise ValueError(f"{where} has {tok.get_vocab_size()} tokens but the model's vocab_size is only "
+                         f"{vocab_size}: the tokenizer does not belong to this model")
+
+
 def eos_id(tok: Tokenizer) -> int | None:
     return tok.token_to_id(EOS_TOKEN)

@@ -1,18 +1,100 @@
-"""Argument helpers shared by subcommands: choosing a model by preset or checkpoint."""
+"""Argument helpers shared by subcommands: choosing a model by preset or checkpoint, numeric option types
+that reject impossible values at parse time, output paths checked before the work starts, and a record of
+which options the user typed (so that `train --resume` can tell a chosen value from a default).
+
+A `--checkpoint` may name a checkpoint directory or a `foe train --out` run directory (its `latest`
+checkpoint is used); every command resolves it the same way through `checkpoint_from_args`.
+"""
 
 from __future__ import annotations
 
 import argparse
-from typing import TYPE_CHECKING
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
 if TYPE_CHECKING:
+    from tokenizers import Tokenizer
+
     from foe.config import ModelConfig
     from foe.model import Transformer
+
+GIVEN = "given_options"  # Namespace attribute: the dests of the options present on the command line
+
+
+def _remembering(base: type[argparse.Action]) -> type[argparse.Action]:
+    class Remembering(base):  # type: ignore[valid-type,misc]
+        def __call__(self, parser, namespace, values, option_string=None):  # noqa: ANN001
+            super().__call__(parser, namespace, values, option_string)
+            setattr(namespace, GIVEN, frozenset(getattr(namespace, GIVEN, frozenset())) | {self.dest})
+    return Remembering
+
+
+def remember_given(p: argparse.ArgumentParser) -> None:
+    """Make the options added to `p` from now on record their dest in `args.given_options` when typed."""
+    # None is the registry key of add_argument without action=, i.e. "store".
+    for name, base in ((None, argparse._StoreAction), ("store", argparse._StoreAction),
+                       ("store_true", argparse._StoreTrueAction), ("append", argparse._AppendAction)):
+        p.register("action", name, _remembering(base))
+    p.set_defaults(**{GIVEN: frozenset()})
+
+
+def at_least(lo: int) -> Callable[[str], int]:
+    """argparse type: an integer >= lo."""
+    def parse(s: str) -> int:
+        try:
+            v = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer, got {s!r}") from None
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {v}")
+        return v
+    parse.__name__ = f"integer >= {lo}"
+    return parse
+
+
+def float_in(lo: float, hi: float, lo_open: bool = False, hi_open: bool = False) -> Callable[[str], float]:
+    """argparse type: a float in the interval lo..hi (math.inf for no upper bound)."""
+    def parse(s: str) -> float:
+        try:
+            v = float(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a number, got {s!r}") from None
+        if not ((lo < v if lo_open else lo <= v) and (v < hi if hi_open else v <= hi)):
+            raise argparse.ArgumentTypeError(f"must be in {'(' if lo_open else '['}{lo}, {hi}"
+                                             f"{')' if hi_open else ']'}, got {s}")
+        return v
+    parse.__name__ = "number"
+    return parse
+
+
+def check_output(path: str | Path, what: str, is_dir: bool | None = False) -> None:
+    """Fail now, not after an hour of work, if `path` cannot be written: its nearest existing ancestor must
+    be a directory in which a file can really be created (a probe file, because os.access says yes to
+    root on a read-only file system), and the path itself must not be a directory where a file is wanted
+    (is_dir=False) or a file where a directory is (is_dir=True; None: either). Missing parent directories
+    are fine: writers create them."""
+    p = Path(path)
+    if is_dir is not None and p.exists() and p.is_dir() != is_dir:
+        raise ValueError(f"{what} {p} is {'a file' if is_dir else 'a directory'}; expected "
+                         f"{'a directory' if is_dir else 'a file path'}")
+    parent = p if is_dir or (is_dir is None and p.is_dir()) else p.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"{what} {p} cannot be created: {parent} is not a directory")
+    try:
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as e:
+        raise ValueError(f"{what} {p} is not writable ({e.strerror}: {parent})") from None
 
 
 def add_model_args(p: argparse.ArgumentParser, default_preset: str = "tiny") -> None:
     g = p.add_argument_group("model")
-    g.add_argument("--checkpoint", metavar="DIR", help="checkpoint directory (config.json + model.safetensors)")
+    g.add_argument("--checkpoint", metavar="DIR",
+                   help="checkpoint directory (config.json + model.safetensors) or a `foe train` run directory "
+                        "(its latest checkpoint)")
     from foe.config import PRESETS
     g.add_argument("--preset", default=default_preset,
                    help=f"size preset when no checkpoint is given: {', '.join(PRESETS)} (default {default_preset})")
@@ -22,11 +104,25 @@ def add_model_args(p: argparse.ArgumentParser, default_preset: str = "tiny") -> 
     g.add_argument("--seed", type=int, default=0, help="seed for random initialisation (default 0)")
 
 
+def checkpoint_from_args(args: argparse.Namespace) -> Path | None:
+    """The checkpoint directory `--checkpoint` names (a run directory resolves to its `latest`), or None.
+
+    The resolved path is written back to `args.checkpoint`, so code that reads it later (the server's
+    chat template, the worker processes) sees the checkpoint directory, not the run directory."""
+    if not getattr(args, "checkpoint", None):
+        return None
+    from foe.train.checkpointing import resolve_checkpoint
+    path = resolve_checkpoint(args.checkpoint)
+    args.checkpoint = str(path)
+    return path
+
+
 def config_from_args(args: argparse.Namespace) -> "ModelConfig":
     from foe.config import ModelConfig
     from foe.model.checkpoint import load_config
-    if args.checkpoint:
-        return load_config(args.checkpoint)
+    ckpt = checkpoint_from_args(args)
+    if ckpt is not None:
+        return load_config(ckpt)  # checks the config and that the checkpoint's tokenizer fits it
     return ModelConfig.from_preset(args.preset, arch=args.arch, sync=args.sync)
 
 
@@ -35,7 +131,14 @@ def model_from_args(args: argparse.Namespace) -> "Transformer":
 
     from foe.model import Transformer
     from foe.model.checkpoint import load_checkpoint
-    if args.checkpoint:
-        return load_checkpoint(args.checkpoint)
+    ckpt = checkpoint_from_args(args)
+    if ckpt is not None:
+        return load_checkpoint(ckpt)
     torch.manual_seed(args.seed)
     return Transformer(config_from_args(args)).eval()
+
+
+def tokenizer_from_args(args: argparse.Namespace) -> "Tokenizer":
+    """The checkpoint's tokenizer, or the byte-level fallback for a model built from a preset."""
+    from foe.tokenizer import load_tokenizer
+    return load_tokenizer(checkpoint_from_args(args))

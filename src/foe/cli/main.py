@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 MODULES = (
@@ -61,14 +62,38 @@ def main(argv: list[str] | None = None) -> int:
     from foe.malloc import tune_malloc
     tune_malloc()  # before the first large tensor: freed activations stay in the heap (see foe/malloc.py)
     try:
+        check_outputs(args)
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except ValueError as e:  # bad user input: a clear message, no traceback
-        name = " ".join(filter(None, (args.command, getattr(args, "bench_command", None))))
-        print(f"foe {name}: error: {e}", file=sys.stderr)
+    except BrokenPipeError:  # `foe info | head`: the reader left early, which is not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        return 141
+    except (ValueError, OSError) as e:  # bad input or an unusable path: a clear message, no traceback
+        name = " ".join(filter(None, (args.command, getattr(args, "bench_command", None),
+                                      getattr(args, "sim_command", None))))
+        print(f"foe {name}: error: {_one_line(e)}", file=sys.stderr)
         return 2
+
+
+def check_outputs(args: argparse.Namespace) -> None:
+    """Every command's --json FILE and --out PATH must be writable before the command starts its work,
+    so that a typo does not throw away an evaluation or a benchmark at the very end. Commands check
+    further what kind of path they need (a directory for `train --out`, an empty one for `init --out`)."""
+    from pathlib import Path
+
+    from foe.cli.common import check_output
+    if isinstance(getattr(args, "json", None), (str, Path)):
+        check_output(args.json, "--json", is_dir=False)
+    if isinstance(getattr(args, "out", None), (str, Path)):
+        check_output(args.out, "--out", is_dir=None)  # a directory or a file prefix, by command
+
+
+def _one_line(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.strerror:  # "[Errno 2] No such file ..." reads worse than this
+        return f"{e.strerror}: {e.filename}" if e.filename else e.strerror
+    return " ".join(str(e).split())
 
 
 if __name__ == "__main__":

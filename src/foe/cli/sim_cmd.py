@@ -41,17 +41,37 @@ def _common(p: argparse.ArgumentParser, nodes_default: str = "1") -> None:
     p.add_argument("--out", type=Path, default=Path("results/sim"), help="output directory (default results/sim)")
 
 
+EXAMPLES = {
+    "sim": "examples:\n  foe sim clusters\n  foe sim forward --preset 7b --out /tmp/sim\n"
+           "  foe sim serve --preset 1b --num-requests 50 --out /tmp/sim\n",
+    "clusters": "examples:\n  foe sim clusters\n",
+    "forward": "examples:\n  foe sim forward --preset 7b --out /tmp/sim\n"
+               "  foe sim forward --mode decode --cluster h200 --nodes 1,2 --out /tmp/sim\n"
+               "  foe sim forward --checkpoint runs/cq-default/foe/step_00000600 --cluster cpu-gloo "
+               "--batch-sizes 1,8 --out /tmp/sim\n",
+    "serve": "examples:\n  foe sim serve --preset 7b --out /tmp/sim\n"
+             "  foe sim serve --preset 1b --nodes 1 --scales 0.5 --num-requests 50 --out /tmp/sim\n",
+    "calibrate": "examples:\n  foe sim calibrate --out /tmp/sim\n"
+                 "  foe sim calibrate --bench-json results/bench_forward.json --out /tmp/sim\n",
+}
+
+
+def _help(name: str) -> dict:
+    return {"epilog": EXAMPLES[name], "formatter_class": argparse.RawDescriptionHelpFormatter}
+
+
 def register(commands: argparse._SubParsersAction, bench: argparse._SubParsersAction) -> None:
     sim = commands.add_parser(
         "sim", help="cost model: project MoE (ep, tp) against FoE (gp) onto GPU clusters",
         description="Predict forward and serving latency of MoE and FoE on a cluster from published or "
-                    "measured rates. See docs/cost-model.md.")
+                    "measured rates. See docs/cost-model.md.", **_help("sim"))
     sub = sim.add_subparsers(dest="sim_command", metavar="SIM", required=True)
 
-    p = sub.add_parser("clusters", help="list cluster presets")
+    p = sub.add_parser("clusters", help="list cluster presets", **_help("clusters"))
     p.set_defaults(func=clusters)
 
-    p = sub.add_parser("forward", help="per-layer time breakdown and speedup against batch size")
+    p = sub.add_parser("forward", help="per-layer time breakdown and speedup against batch size",
+                       **_help("forward"))
     _common(p)
     p.add_argument("--strategies", default="ep,tp,gp")
     p.add_argument("--mode", choices=("prefill", "decode"), default="prefill")
@@ -60,7 +80,8 @@ def register(commands: argparse._SubParsersAction, bench: argparse._SubParsersAc
     p.add_argument("--batch-sizes", type=_ints, default=_ints("1,2,4,8,16,32,64,128"))
     p.set_defaults(func=forward)
 
-    p = sub.add_parser("serve", help="serving simulation: the paper's TTFT/TBT/E2E table as MoE/FoE ratios")
+    p = sub.add_parser("serve", help="serving simulation: the paper's TTFT/TBT/E2E table as MoE/FoE ratios",
+                       **_help("serve"))
     _common(p, nodes_default="1,2")
     p.add_argument("--moe-strategy", choices=("ep", "tp"), default="ep")
     p.add_argument("--scales", type=_floats, default=_floats("0.5,0.75,1.5"), help="mean inter-arrival s")
@@ -72,7 +93,8 @@ def register(commands: argparse._SubParsersAction, bench: argparse._SubParsersAc
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=serve)
 
-    p = sub.add_parser("calibrate", help="fit the cpu-gloo preset to measurements; predicted vs measured")
+    p = sub.add_parser("calibrate", help="fit the cpu-gloo preset to measurements; predicted vs measured",
+                       **_help("calibrate"))
     p.add_argument("--measured", type=Path, default=None, help="measure_cpu.py JSON (default: the stored one)")
     p.add_argument("--bench-json", type=Path, default=None, help="foe bench forward JSON to check against")
     p.add_argument("--save", action="store_true",

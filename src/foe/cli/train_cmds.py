@@ -8,11 +8,39 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+from pathlib import Path
 
-from foe.cli.common import add_model_args, config_from_args, model_from_args
+from foe.cli.common import (GIVEN, add_model_args, at_least, check_output, config_from_args, float_in,
+                            model_from_args, remember_given, tokenizer_from_args)
 
 TASK_HELP = ("multiple-choice task, repeatable: NAME (built-in smoke-test set) or NAME=PATH (jsonl in the HF "
              "dataset's schema); names: arc_easy boolq copa hellaswag piqa sciq, or 'all' (default)")
+
+
+FRACTION = float_in(0.0, 1.0, lo_open=True, hi_open=True)
+NONNEG = float_in(0.0, math.inf)
+TRAIN_EXAMPLES = """\
+examples:
+  foe train --preset tiny --steps 20 --seq-len 64 --micro-batch 4 --out /tmp/foe-run
+  foe train --preset tiny --out /tmp/foe-run --resume --steps 40       extend the run above to 40 steps
+  foe train --preset tiny --arch moe --data builtin --steps 10 --bf16 --out /tmp/moe-run
+  torchrun --standalone --nproc-per-node 2 -m foe.cli.main train --preset tiny --steps 10 --seq-len 64 \\
+      --micro-batch 2 --out /tmp/foe-dp                         data-parallel on 2 processes
+"""
+EVAL_EXAMPLES = """\
+examples:
+  foe eval --checkpoint runs/cq-default/foe                    a run directory: its latest checkpoint
+  foe eval --preset tiny --task copa --val-tokens 4096 --json /tmp/eval.json
+  foe eval --checkpoint runs/cq-default/moe/step_00000500 --no-ppl --task boolq --task piqa
+"""
+COMPARE_EXAMPLES = """\
+examples:
+  foe compare-quality --preset tiny --steps 20 --seq-len 64 --micro-batch 4 --eval-every 10 --task copa \\
+      --out /tmp/cq-tiny                                       a quick smoke run (the default, mini, takes minutes)
+  foe compare-quality --preset tiny --steps 30 --seq-len 64 --micro-batch 4 --eval-every 10 --task copa \\
+      --out /tmp/cq-tiny --resume                              continue both runs above to 30 steps
+"""
 
 
 def _add_train_args(p: argparse.ArgumentParser, steps: int, eval_every: int, out: str | None = None) -> None:
@@ -22,50 +50,58 @@ def _add_train_args(p: argparse.ArgumentParser, steps: int, eval_every: int, out
     g.add_argument("--data", action="append", metavar="SRC",
                    help="'builtin' (public-domain English shipped with foe) or a .txt/.jsonl file; repeatable "
                         "(default builtin)")
-    g.add_argument("--val-fraction", type=float, default=d.val_fraction, help="held-out share of tokens")
-    g.add_argument("--seq-len", type=int, default=d.seq_len)
+    g.add_argument("--val-fraction", type=FRACTION, default=d.val_fraction, help="held-out share of tokens")
+    g.add_argument("--seq-len", type=at_least(1), default=d.seq_len)
     g = p.add_argument_group("optimisation")
-    g.add_argument("--steps", type=int, default=steps)
-    g.add_argument("--micro-batch", type=int, default=d.micro_batch, help="sequences per micro-batch per process")
-    g.add_argument("--grad-accum", type=int, default=d.grad_accum)
-    g.add_argument("--lr", type=float, default=d.lr, help="peak learning rate")
-    g.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio)
-    g.add_argument("--warmup", type=int, default=d.warmup, help="warmup steps")
-    g.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    g.add_argument("--grad-clip", type=float, default=d.grad_clip, help="max grad norm (0 = off)")
-    g.add_argument("--aux-coef", type=float, default=d.aux_coef, help="load-balancing loss weight")
-    g.add_argument("--z-coef", type=float, default=d.z_coef, help="router z-loss weight (0 = off)")
+    g.add_argument("--steps", type=at_least(1), default=steps,
+                   help="total steps; with --resume, a new total extends (or shortens) the run")
+    g.add_argument("--micro-batch", type=at_least(1), default=d.micro_batch,
+                   help="sequences per micro-batch per process")
+    g.add_argument("--grad-accum", type=at_least(1), default=d.grad_accum)
+    g.add_argument("--lr", type=float_in(0.0, math.inf, lo_open=True), default=d.lr, help="peak learning rate")
+    g.add_argument("--min-lr-ratio", type=float_in(0.0, 1.0), default=d.min_lr_ratio)
+    g.add_argument("--warmup", type=at_least(0), default=d.warmup, help="warmup steps")
+    g.add_argument("--weight-decay", type=NONNEG, default=d.weight_decay)
+    g.add_argument("--grad-clip", type=NONNEG, default=d.grad_clip, help="max grad norm (0 = off)")
+    g.add_argument("--aux-coef", type=NONNEG, default=d.aux_coef, help="load-balancing loss weight")
+    g.add_argument("--z-coef", type=NONNEG, default=d.z_coef, help="router z-loss weight (0 = off)")
     g.add_argument("--bf16", action="store_true", help="bf16 autocast (fp32 weights and optimizer)")
     g.add_argument("--device", default=d.device)
     g = p.add_argument_group("logging and checkpoints")
     g.add_argument("--out", required=out is None, default=out, metavar="DIR",
                    help="run directory (log.jsonl, step_* checkpoints)" + (f" (default {out})" if out else ""))
-    g.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
-    g.add_argument("--eval-every", type=int, default=eval_every)
-    g.add_argument("--val-tokens", type=int, default=d.val_tokens)
-    g.add_argument("--log-every", type=int, default=d.log_every)
-    g.add_argument("--ckpt-every", type=int, default=d.ckpt_every)
-    g.add_argument("--keep-ckpts", type=int, default=d.keep_ckpts)
+    g.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its latest checkpoint with its saved settings; only "
+                        "--steps and the logging/checkpoint cadence may be changed")
+    g.add_argument("--eval-every", type=at_least(1), default=eval_every)
+    g.add_argument("--val-tokens", type=at_least(1), default=d.val_tokens)
+    g.add_argument("--log-every", type=at_least(1), default=d.log_every)
+    g.add_argument("--ckpt-every", type=at_least(1), default=d.ckpt_every)
+    g.add_argument("--keep-ckpts", type=at_least(1), default=d.keep_ckpts)
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def register(commands: argparse._SubParsersAction, bench: argparse._SubParsersAction) -> None:
+    raw = argparse.RawDescriptionHelpFormatter
     p = commands.add_parser("train", help="train a MoE or FoE model (single process or torchrun data-parallel)",
                             description="Train a byte-level BPE tokenizer and a MoE/FoE model on packed text; "
-                                        "log to OUT/log.jsonl; checkpoint to OUT/step_* (resume with --resume).")
+                                        "log to OUT/log.jsonl; checkpoint to OUT/step_* (resume with --resume).",
+                            epilog=TRAIN_EXAMPLES, formatter_class=raw)
+    remember_given(p)  # --resume needs to know which settings the user typed
     add_model_args(p, default_preset="mini")
     _add_train_args(p, steps=1000, eval_every=100)
     p.set_defaults(func=train)
 
     p = commands.add_parser("eval", help="validation perplexity and zero-shot multiple-choice accuracy",
                             description="Evaluate a checkpoint (or run directory): perplexity on the held-out "
-                                        "split of --data and lm-eval-style acc/acc_norm on multiple-choice tasks.")
+                                        "split of --data and lm-eval-style acc/acc_norm on multiple-choice tasks.",
+                            epilog=EVAL_EXAMPLES, formatter_class=raw)
     add_model_args(p)
     p.add_argument("--task", action="append", metavar="NAME[=PATH]", help=TASK_HELP)
     p.add_argument("--data", action="append", metavar="SRC", help="text for perplexity (default builtin)")
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--val-fraction", type=float, default=0.02)
-    p.add_argument("--val-tokens", type=int, default=65536)
+    p.add_argument("--seq-len", type=at_least(1), default=256)
+    p.add_argument("--val-fraction", type=FRACTION, default=0.02)
+    p.add_argument("--val-tokens", type=at_least(1), default=65536)
     p.add_argument("--no-ppl", action="store_true", help="skip perplexity")
     p.add_argument("--json", metavar="PATH", help="also write the results here")
     p.set_defaults(func=evaluate)
@@ -73,7 +109,8 @@ def register(commands: argparse._SubParsersAction, bench: argparse._SubParsersAc
     p = commands.add_parser("compare-quality", help="train MoE and FoE alike and compare their quality",
                             description="Train a MoE and an FoE of one preset on the same data, seed and token "
                                         "budget; print and write (JSON, PNG) loss curves, perplexity, unigram "
-                                        "baseline, multiple-choice accuracy and load balance.")
+                                        "baseline, multiple-choice accuracy and load balance.",
+                            epilog=COMPARE_EXAMPLES, formatter_class=raw)
     p.add_argument("--preset", default="mini", help="size preset (default mini)")
     p.add_argument("--sync", choices=("attention", "moe", "both"), default="attention")
     p.add_argument("--seed", type=int, default=0)
@@ -97,7 +134,11 @@ def train(args: argparse.Namespace) -> int:
     from foe.train.run import run_training
     if args.checkpoint:
         raise ValueError("train starts from --preset; to continue a run use --out DIR --resume")
-    summary = run_training(_train_config(args, args.out), config_from_args(args), resume=args.resume)
+    check_output(args.out, "--out", is_dir=True)
+    tcfg, mcfg = _train_config(args, args.out), config_from_args(args)
+    if args.resume:
+        tcfg, mcfg = _resumed_configs(args, tcfg, mcfg)
+    summary = run_training(tcfg, mcfg, resume=args.resume)
     if summary["checkpoint"]:
         print(f"final val loss {summary['final_val_loss']:.4f} (ppl {summary['final_val_ppl']:.2f}); unigram "
               f"baseline {summary['unigram_val_loss']:.4f}; {summary['tok_per_s']:,.0f} tok/s; "
@@ -105,16 +146,38 @@ def train(args: argparse.Namespace) -> int:
     return 0
 
 
+# `foe train` option dests that are not TrainConfig fields of the same name.
+_DEST_TO_FIELD = {"no_progress": "progress", "out": "out_dir"}
+
+
+def _resumed_configs(args: argparse.Namespace, tcfg, mcfg):
+    """The saved run's settings, overridden by the options typed on this command line (not their defaults,
+    which would otherwise differ from most saved runs); run_training then refuses what cannot change."""
+    from foe.model.checkpoint import load_config
+    from foe.train.checkpointing import has_checkpoint, read_trainer_state, resolve_checkpoint
+    from foe.train.config import TrainConfig
+    if not has_checkpoint(args.out):
+        return tcfg, mcfg  # nothing saved yet: --resume starts the run
+    ckpt = resolve_checkpoint(args.out)
+    given = getattr(args, GIVEN)
+    typed = {_DEST_TO_FIELD.get(d, d) for d in given} & set(TrainConfig.__dataclass_fields__)
+    saved = TrainConfig.from_dict(read_trainer_state(ckpt)["train_config"])
+    tcfg = saved.replace(**{f: getattr(tcfg, f) for f in typed | {"out_dir", "progress"}})
+    saved_model = load_config(ckpt)
+    if "preset" in given:
+        mcfg = mcfg.replace(arch=args.arch if "arch" in given else saved_model.arch,
+                            sync=args.sync if "sync" in given else saved_model.sync)
+    else:
+        mcfg = saved_model.replace(**{k: getattr(args, k) for k in ("arch", "sync") if k in given})
+    return tcfg, mcfg
+
+
 def evaluate(args: argparse.Namespace) -> int:
     from foe.eval.harness import evaluate_tasks, format_task_table, mean_accuracy, parse_task_specs, \
         validation_perplexity
-    from foe.tokenizer import load_tokenizer
-    from foe.train.checkpointing import resolve_checkpoint
     tasks = parse_task_specs(args.task)
-    if args.checkpoint:
-        args.checkpoint = str(resolve_checkpoint(args.checkpoint))
     model = model_from_args(args)
-    tok = load_tokenizer(args.checkpoint)
+    tok = tokenizer_from_args(args)
     results: dict = {"checkpoint": args.checkpoint, "arch": model.cfg.arch}
     if not args.no_ppl:
         results["perplexity"] = validation_perplexity(model, tok, args.data or ["builtin"], args.seq_len,
@@ -127,9 +190,10 @@ def evaluate(args: argparse.Namespace) -> int:
     print(format_task_table({model.cfg.arch.upper(): results["tasks"]}))
     if any(r["source"].startswith("built-in") for r in results["tasks"].values()):
         print("(built-in tasks are a small smoke-test set written for foe, not the real benchmarks)")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+    if args.json:  # checked writable before the evaluation (cli.main.check_outputs)
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+        print(f"wrote {args.json}")
     return 0
 
 

@@ -1,8 +1,12 @@
 """Checkpoints as a Hugging Face-style directory: `config.json` + `model.safetensors` (never pickle).
 
 Loading checks everything a user can get wrong and names it: a missing directory or file, a corrupt or
-truncated safetensors file, a config that does not parse or validate, and tensors that are missing,
-unexpected or of the wrong shape for the config.
+truncated safetensors file, a config that does not parse or validate, a tokenizer.json with more tokens
+than the config's vocab_size, and tensors that are missing, unexpected or of the wrong shape for the config.
+
+Files are written to a temporary name and renamed into place. mkstemp/mkdtemp create them owner-only
+(0600/0700); `apply_umask` gives them the permissions an ordinary open()/mkdir() would have, so a
+checkpoint written by one user can be read by the group as the umask allows.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from foe.config import ModelConfig
 from foe.model.transformer import Transformer
+from foe.tokenizer import TOKENIZER_FILE, check_vocab_fits, load_tokenizer
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -33,11 +38,33 @@ def config_to_hf(cfg: ModelConfig) -> dict:
             **cfg.to_dict()}
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux allows (os.umask can only set it, and
+    setting it briefly would race with other threads creating files)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def apply_umask(path: str | Path) -> None:
+    """Give a file made by mkstemp (0600) or a directory made by mkdtemp (0700) the permissions that
+    open() or mkdir() would have given it: 0o666 or 0o777 minus the umask."""
+    mode = 0o777 if Path(path).is_dir() else 0o666
+    os.chmod(path, mode & ~current_umask())
+
+
 def _atomic_write(path: Path, write) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     os.close(fd)
     try:
         write(tmp)
+        apply_umask(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -73,9 +100,19 @@ def load_config(directory: str | Path) -> ModelConfig:
     if raw.get("model_type", "foe") != "foe":
         raise CheckpointError(f"{path} has model_type {raw['model_type']!r}, expected 'foe'")
     try:
-        return ModelConfig.from_dict(raw)
+        cfg = ModelConfig.from_dict(raw)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: {e}") from None
+    if (d / TOKENIZER_FILE).is_file():  # a tokenizer that can emit ids past the embedding is a broken pair
+        try:
+            tok = load_tokenizer(d)
+        except Exception as e:  # tokenizers raises a bare Exception for a file it cannot parse
+            raise CheckpointError(f"{d / TOKENIZER_FILE} cannot be read: {e}") from None
+        try:
+            check_vocab_fits(tok, cfg.vocab_size, str(d / TOKENIZER_FILE))
+        except ValueError as e:
+            raise CheckpointError(str(e)) from None
+    return cfg
 
 
 def load_state(directory: str | Path) -> dict[str, torch.Tensor]:

@@ -27,7 +27,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
-from foe.model.checkpoint import CONFIG_FILE, CheckpointError, check_state, load_state, save_checkpoint
+from foe.model.checkpoint import (CONFIG_FILE, CheckpointError, apply_umask, check_state, load_state,
+                                  save_checkpoint)
 from foe.model.transformer import Transformer
 from foe.tokenizer import save_tokenizer
 
@@ -81,6 +82,8 @@ def save_training_checkpoint(run_dir: str | Path, step: int, model: Transformer,
         tensors["rng.torch"] = torch.get_rng_state()
         save_file(tensors, tmp / OPTIM_FILE, metadata={"format": "pt"})
         (tmp / STATE_FILE).write_text(json.dumps({**state, "step": step, "param_groups": groups}, indent=2) + "\n")
+        for path in (tmp, *tmp.iterdir()):  # mkdtemp made tmp 0700; safetensors creates its files 0600
+            apply_umask(path)
         if final.exists():  # a re-run of the same step after a kill: replace it
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -90,6 +93,7 @@ def save_training_checkpoint(run_dir: str | Path, step: int, model: Transformer,
     fd, latest_tmp = tempfile.mkstemp(dir=run, prefix=".latest.")
     with os.fdopen(fd, "w") as f:
         f.write(final.name + "\n")
+    apply_umask(latest_tmp)  # mkstemp made it 0600
     os.replace(latest_tmp, run / LATEST)
     for old in sorted(run.glob("step_*"))[:-keep] if keep > 0 else []:
         if old != final:

@@ -7,7 +7,12 @@ each step's samples; rank 0 alone writes the log, the progress bar and checkpoin
 Log (OUT/log.jsonl, one JSON object a line): a "meta" record, then "train" records (loss, ce, aux,
 z, lr, grad_norm, tokens, tok_per_s, load balance) every log_every steps and "val" records (val_loss,
 val_ppl) every eval_every steps and at step 0 and the end. On resume the records past the checkpoint
-are dropped first, so the log reads as if the run had never been interrupted.
+are dropped first, so the log reads as if the run had never been interrupted; a resume that changes
+settings adds a "resume" record saying which, and what that does to the learning-rate schedule.
+
+Resuming keeps everything that decides what is learned (data, batch, optimiser, model) as saved; only
+`steps` (extend or shorten a run; the cosine schedule is stretched to the new total) and the logging and
+checkpointing cadence may change. Any other difference is an error that lists the settings.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,9 +30,9 @@ import torch
 from tqdm import tqdm
 
 from foe.config import ModelConfig
-from foe.model.checkpoint import load_config
+from foe.model.checkpoint import apply_umask, load_config
 from foe.model.transformer import Transformer
-from foe.tokenizer import TOKENIZER_FILE, load_tokenizer, train_bpe
+from foe.tokenizer import TOKENIZER_FILE, check_vocab_fits, load_tokenizer, train_bpe
 from foe.train.checkpointing import (has_checkpoint, load_training_state, read_trainer_state,
                                      resolve_checkpoint, save_training_checkpoint)
 from foe.train.config import TrainConfig
@@ -50,6 +56,7 @@ class JsonlLog:
         fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".log.")
         with os.fdopen(fd, "w") as f:
             f.write("".join(json.dumps(r) + "\n" for r in keep))
+        apply_umask(tmp)
         os.replace(tmp, self.path)
 
     def write(self, record: dict[str, Any]) -> None:
@@ -83,12 +90,34 @@ def _tokenizer(run: Path, docs: list[str], vocab_size: int, rank: int, world: in
     return tok if rank == 0 else load_tokenizer(run)
 
 
+# Settings a resumed run may change: they decide what is logged and kept, not what is learned.
+RESUME_FREE = ("out_dir", "progress", "log_every", "eval_every", "ckpt_every", "keep_ckpts")
+
+
+def resume_changes(saved: TrainConfig, given: TrainConfig, saved_model: ModelConfig, given_model: ModelConfig,
+                   step: int) -> dict[str, list[Any]]:
+    """The settings `given` changes against the run saved at `step`, as {name: [saved, given]}; raises
+    ValueError listing every change a resume cannot honour."""
+    changed = {f: [getattr(saved, f), getattr(given, f)] for f in TrainConfig.__dataclass_fields__
+               if f not in ("out_dir", "progress") and getattr(saved, f) != getattr(given, f)}
+    bad = [f"{f}: saved {a!r}, given {b!r}" for f, (a, b) in changed.items() if f not in RESUME_FREE + ("steps",)]
+    bad += [f"model {f}: saved {getattr(saved_model, f)!r}, given {getattr(given_model, f)!r}"
+            for f in ModelConfig.__dataclass_fields__ if getattr(saved_model, f) != getattr(given_model, f)]
+    if bad:
+        raise ValueError("--resume continues the saved run, but these settings differ from it: " + "; ".join(bad)
+                         + f". Only --steps and {', '.join('--' + f.replace('_', '-') for f in RESUME_FREE[2:])} "
+                         "may change; start a new run (another --out) to change the others")
+    if "steps" in changed and given.steps <= step:
+        raise ValueError(f"--steps {given.steps}, but the saved run is already at step {step}: pass more steps")
+    return changed
+
+
 def run_training(tcfg: TrainConfig, mcfg: ModelConfig, resume: bool = False) -> dict[str, Any]:
     """Train (or resume) and return a summary: final validation loss/perplexity, unigram baseline,
     throughput, load balance, and the path of the last checkpoint."""
     rank, world = init_from_env(tcfg.device)
     run = Path(tcfg.out_dir)
-    ckpt, state = None, None
+    ckpt, state, changes = None, None, {}
     if has_checkpoint(run):
         if not resume:
             raise ValueError(f"{run} already holds a training run; pass --resume to continue it, "
@@ -97,15 +126,14 @@ def run_training(tcfg: TrainConfig, mcfg: ModelConfig, resume: bool = False) -> 
         state = read_trainer_state(ckpt)
         if state["world"] != world:
             raise ValueError(f"{ckpt} was written by {state['world']} processes; resume with the same number")
-        # The saved configs win: the schedule, data order and model must be those of the original run.
-        tcfg = TrainConfig.from_dict({**state["train_config"], "out_dir": str(run), "progress": tcfg.progress})
-        mcfg = load_config(ckpt)
+        # The data order, optimiser and model must be those of the original run; see resume_changes.
+        changes = resume_changes(TrainConfig.from_dict({**state["train_config"], "out_dir": str(run)}), tcfg,
+                                 load_config(ckpt), mcfg, state["step"])
     if tcfg.seq_len > mcfg.max_seq_len:
         raise ValueError(f"seq_len {tcfg.seq_len} exceeds the model's max_seq_len {mcfg.max_seq_len}")
     docs = read_documents(tcfg.data)
     tok = load_tokenizer(ckpt) if ckpt else _tokenizer(run, docs, mcfg.vocab_size, rank, world)
-    if tok.get_vocab_size() > mcfg.vocab_size:
-        raise ValueError(f"tokenizer has {tok.get_vocab_size()} tokens but the model only {mcfg.vocab_size}")
+    check_vocab_fits(tok, mcfg.vocab_size, "the trained tokenizer" if ckpt is None else str(ckpt / TOKENIZER_FILE))
     tokens = tokenize_documents(docs, tok)
     data_fp = fingerprint(tokens)
     if state is not None and state["data_fingerprint"] != data_fp:
@@ -127,6 +155,20 @@ def run_training(tcfg: TrainConfig, mcfg: ModelConfig, resume: bool = False) -> 
                    "unigram_val_loss": unigram, "model_config": mcfg.to_dict(), "train_config": tcfg.to_dict()})
     else:
         log.truncate_after(start)
+        if changes:
+            note = ""
+            if "steps" in changes:
+                note = (f"the cosine learning-rate schedule now decays over {tcfg.steps} steps instead of "
+                        f"{changes['steps'][0]}, so from step {start} on the learning rate differs from the "
+                        f"original run's")
+            log.write({"kind": "resume", "step": start, "changes": changes, "note": note})
+            if rank == 0:
+                print(f"resuming {run} at step {start} with changed settings: "
+                      + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items())
+                      + (f" ({note})" if note else ""), file=sys.stderr)
+        if start >= tcfg.steps and rank == 0:
+            print(f"nothing to train: {run} already finished its {tcfg.steps} steps; pass a larger --steps "
+                  f"with --resume to train further", file=sys.stderr)
 
     def validate(step: int) -> float:
         v = trainer.validation_loss()
