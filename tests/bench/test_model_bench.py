@@ -150,3 +150,19 @@ def test_fast_experts_inference_branch_equals_reference(mode: str) -> None:
     with_grad = fast(x, counts)  # grad enabled: the grouped product
     torch.testing.assert_close(streamed, ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(with_grad, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_fast_experts_inference_branch_under_bf16_autocast() -> None:
+    """Validation during `foe train --bf16` runs the inference branch under autocast: its products run
+    in bf16, so the output buffer must be bf16 too (it was fp32 and mm's out= refused it)."""
+    from foe.model.experts import STREAM_MIN_ROWS_PER_EXPERT, GroupedExperts
+    torch.manual_seed(0)
+    experts = GroupedExperts(4, 32, 24, 0.2, 0.2, "grouped_mm")
+    loop = GroupedExperts(4, 32, 24, 0.2, 0.2, "loop")
+    loop.load_state_dict(experts.state_dict())
+    counts = torch.tensor([300, 0, 5, 4 * STREAM_MIN_ROWS_PER_EXPERT - 305])
+    x = torch.randn(int(counts.sum()), 32)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out, ref = experts(x, counts), loop(x, counts)  # the reference loop autocasts each product
+    assert out.dtype == ref.dtype == torch.bfloat16
+    torch.testing.assert_close(out, ref, atol=1e-2, rtol=1e-2)
