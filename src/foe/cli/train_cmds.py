@@ -24,7 +24,7 @@ TRAIN_EXAMPLES = """\
 examples:
   foe train --preset tiny --steps 20 --seq-len 64 --micro-batch 4 --out /tmp/foe-run
   foe train --preset tiny --out /tmp/foe-run --resume --steps 40       extend the run above to 40 steps
-  foe train --preset tiny --arch moe --data builtin --steps 10 --out /tmp/moe-run
+  foe train --preset tiny --arch moe --data builtin --steps 10 --bf16 --out /tmp/moe-run
   torchrun --standalone --nproc-per-node 2 -m foe.cli.main train --preset tiny --steps 10 --seq-len 64 \\
       --micro-batch 2 --out /tmp/foe-dp                         data-parallel on 2 processes
 """
