@@ -1,18 +1,93 @@
-"""`foe serve` refuses impossible launches with a clear message before starting anything."""
+"""`foe serve` refuses impossible launches with a clear message before starting anything (no model is
+built, no banner printed), and prints its banner only once it is serving (with the real port for --port 0)."""
 
 from __future__ import annotations
 
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
 import pytest
 
+import foe.engine.launch
 from foe.cli.main import main
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Fails the test if a launch gets as far as building the engine."""
+    def refuse(*_a, **_k):
+        raise AssertionError("the engine was built before the launch was refused")
+    monkeypatch.setattr(foe.engine.launch, "build_engine", refuse)
 
 
 @pytest.mark.parametrize("argv,message", [
     (["--arch", "moe", "--strategy", "gp", "--nproc", "2"], "MOE"),
     (["--arch", "foe", "--strategy", "none", "--nproc", "2"], "one process"),
     (["--arch", "moe", "--strategy", "ep", "--nproc", "3"], "divisible"),
-    (["--max-num-seqs", "0"], "max_num_seqs"),
 ])
-def test_impossible_launch_is_a_clear_error(argv: list[str], message: str, capsys) -> None:
+def test_impossible_launch_is_a_clear_error(argv: list[str], message: str, capsys, no_model) -> None:
     assert main(["serve", "--preset", "tiny", *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag,value,message", [
+    ("--block-size", "0", "must be >= 1, got 0"),
+    ("--block-size", "-4", "must be >= 1, got -4"),
+    ("--num-blocks", "0", "must be >= 1"),
+    ("--max-num-seqs", "0", "must be >= 1"),
+    ("--max-num-batched-tokens", "-1", "must be >= 1"),
+    ("--nproc", "0", "must be >= 1"),
+    ("--port", "99999", "must be in 0..65535"),
+    ("--port", "-1", "must be in 0..65535"),
+])
+def test_bad_sizes_are_argparse_errors(flag: str, value: str, message: str, capsys) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(["serve", "--preset", "tiny", flag, value])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag}: {message}" in err and "Traceback" not in err
+
+
+def test_bad_chat_template_fails_before_the_model_loads(tmp_path: Path, capsys, no_model) -> None:
+    assert main(["serve", "--preset", "tiny", "--chat-template", str(tmp_path / "missing.jinja")]) == 2
+    out = capsys.readouterr()
+    assert "no such file" in out.err and "missing.jinja" in out.err and len(out.err.splitlines()) == 1
+    bad = tmp_path / "bad.jinja"
+    bad.write_text("{% for m in messages %}{{ m.content }}")
+    assert main(["serve", "--preset", "tiny", "--chat-template", str(bad)]) == 2
+    out = capsys.readouterr()
+    assert "syntax error on line 1" in out.err and len(out.err.splitlines()) == 1 and not out.out
+
+
+def test_port_in_use_fails_before_the_model_loads(capsys, no_model) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", "--preset", "tiny", "--port", str(port)]) == 2
+    out = capsys.readouterr()
+    assert f"cannot listen on 127.0.0.1:{port}" in out.err and "http://" not in out.out
+
+
+def test_port_0_prints_the_bound_port_once_serving() -> None:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src")}
+    proc = subprocess.Popen([sys.executable, "-m", "foe.cli.main", "serve", "--preset", "tiny", "--port", "0",
+                             "--num-blocks", "16", "--block-size", "4"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, env=env, text=True)
+    try:
+        line = proc.stdout.readline()  # the banner comes only once uvicorn listens: no retry loop needed
+        m = re.search(r"on http://127\.0\.0\.1:(\d+)\s", line)
+        assert m and int(m.group(1)) != 0, line
+        assert httpx.get(f"http://127.0.0.1:{m.group(1)}/health", timeout=10).json() == {"status": "ok"}
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) in (0, 130)  # 130: uvicorn re-raises the SIGINT after a clean shutdown
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

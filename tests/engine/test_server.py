@@ -95,8 +95,8 @@ def test_stream_with_echo_and_logprobs_equals_non_stream(client) -> None:
         assert streamed == getattr(whole.choices[0].logprobs, field), field
 
 
-def post(server, body: str | dict, path: str = "/v1/completions") -> httpx.Response:
-    content = body if isinstance(body, str) else json.dumps(body)
+def post(server, body: bytes | str | dict, path: str = "/v1/completions") -> httpx.Response:
+    content = body if isinstance(body, (bytes, str)) else json.dumps(body)
     return httpx.post(server.url + path, content=content, headers={"content-type": "application/json"}, timeout=30)
 
 
@@ -120,6 +120,13 @@ def post(server, body: str | dict, path: str = "/v1/completions") -> httpx.Respo
     ({"prompt": [1, 5000]}, 400, "prompt"),
     ({"prompt": "a", "model": "gpt-4"}, 404, "model"),
     ({"max_tokens": 3}, 400, "prompt"),  # missing field
+    (b'{"prompt": "\xff\xfe"}', 400, None),  # not UTF-8
+    ({"prompt": "a", "max_tokens": 0}, 400, "max_tokens"),  # 0 only with echo (as vLLM)
+    ({"prompt": "a", "logit_bias": {"65": 10}}, 400, "logit_bias"),
+    ({"prompt": "a", "logit_bias": [1]}, 400, "logit_bias"),
+    ({"prompt": "a", "seed": 99999999999999999999999}, 400, "seed"),
+    ({"prompt": "a", "seed": 1 << 63}, 400, "seed"),
+    ({"prompt": "a", "seed": -(1 << 63) - 1}, 400, "seed"),
 ])
 def test_bad_input_gets_openai_error(server, body, status: int, param: str | None) -> None:
     r = post(server, body)
@@ -127,6 +134,18 @@ def test_bad_input_gets_openai_error(server, body, status: int, param: str | Non
     err = r.json()["error"]
     assert set(err) == {"message", "type", "param", "code"} and err["message"]
     assert err["param"] == param
+
+
+@pytest.mark.parametrize("extra", [{"logit_bias": {}}, {"logit_bias": None}, {"seed": (1 << 63) - 1},
+                                   {"seed": -(1 << 63)}])
+def test_harmless_values_are_accepted(server, extra: dict) -> None:
+    r = post(server, {"prompt": "a", "max_tokens": 2, **extra})
+    assert r.status_code == 200, r.text
+
+
+def test_starlette_errors_have_the_openai_shape(server) -> None:
+    for r in (httpx.get(server.url + "/v1/nothing"), httpx.get(server.url + "/v1/completions")):
+        assert r.status_code in (404, 405) and set(r.json()["error"]) == {"message", "type", "param", "code"}
 
 
 def test_openai_client_raises_on_bad_request(client) -> None:
