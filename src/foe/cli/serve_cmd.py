@@ -36,7 +36,8 @@ def port_number(s: str) -> int:
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("engine")
-    g.add_argument("--max-num-seqs", type=positive_int, default=64, help="sequences per step and shard (default 64)")
+    g.add_argument("--max-num-seqs", type=positive_int, default=64,
+                   help="sequences per step and shard (default 64)")
     g.add_argument("--max-num-batched-tokens", type=positive_int, default=512,
                    help="token budget per step and shard: the chunked-prefill size (default 512)")
     g.add_argument("--num-blocks", type=positive_int, default=None,
