@@ -79,7 +79,8 @@ def register(commands: argparse._SubParsersAction, bench: argparse._SubParsersAc
     b.add_argument("--prompt-len", default="16:128", help="prompt length range lo:hi (default 16:128)")
     b.add_argument("--output-len", default="16:64", help="output length range lo:hi (default 16:64)")
     b.add_argument("--static-batch", type=positive_int, default=8, help="batch size of the static-batching baseline")
-    b.add_argument("--repeats", type=positive_int, default=2, help="rounds over all modes; best time per mode (default 2)")
+    b.add_argument("--repeats", type=positive_int, default=2,
+                   help="rounds over all modes; best time per mode (default 2)")
     b.add_argument("--json", metavar="FILE", default=None, help="also write the results as JSON")
     b.set_defaults(func=bench_engine)
 
