@@ -134,17 +134,23 @@ def test_bad_settings_are_clear_errors(capsys) -> None:
     assert "nothing to run" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("mode", ["inference", "no_grad"])
-def test_fast_experts_inference_branch_equals_reference(mode: str) -> None:
-    """The expert fast path switches to expert-by-expert products for large inference batches (a
-    performance edit made for this benchmark): it must equal the loop reference, empty experts included."""
+def _experts_and_reference() -> tuple[torch.nn.Module, torch.nn.Module, torch.Tensor, torch.Tensor]:
+    """Fast experts, the loop reference with the same weights, and a batch large enough for the fast
+    path's expert-by-expert inference branch (one expert gets no row)."""
     from foe.model.experts import STREAM_MIN_ROWS_PER_EXPERT, GroupedExperts
     torch.manual_seed(0)
     fast = GroupedExperts(4, 32, 24, 0.2, 0.2, "grouped_mm")
     slow = GroupedExperts(4, 32, 24, 0.2, 0.2, "loop")
     slow.load_state_dict(fast.state_dict())
     counts = torch.tensor([300, 0, 5, 4 * STREAM_MIN_ROWS_PER_EXPERT - 305])
-    x = torch.randn(int(counts.sum()), 32)
+    return fast, slow, counts, torch.randn(int(counts.sum()), 32)
+
+
+@pytest.mark.parametrize("mode", ["inference", "no_grad"])
+def test_fast_experts_inference_branch_equals_reference(mode: str) -> None:
+    """The expert fast path switches to expert-by-expert products for large inference batches (a
+    performance edit made for this benchmark): it must equal the loop reference, empty experts included."""
+    fast, slow, counts, x = _experts_and_reference()
     with torch.inference_mode() if mode == "inference" else torch.no_grad():
         streamed, ref = fast(x, counts), slow(x, counts)
     with_grad = fast(x, counts)  # grad enabled: the grouped product
@@ -155,14 +161,8 @@ def test_fast_experts_inference_branch_equals_reference(mode: str) -> None:
 def test_fast_experts_inference_branch_under_bf16_autocast() -> None:
     """Validation during `foe train --bf16` runs the inference branch under autocast: its products run
     in bf16, so the output buffer must be bf16 too (it was fp32 and mm's out= refused it)."""
-    from foe.model.experts import STREAM_MIN_ROWS_PER_EXPERT, GroupedExperts
-    torch.manual_seed(0)
-    experts = GroupedExperts(4, 32, 24, 0.2, 0.2, "grouped_mm")
-    loop = GroupedExperts(4, 32, 24, 0.2, 0.2, "loop")
-    loop.load_state_dict(experts.state_dict())
-    counts = torch.tensor([300, 0, 5, 4 * STREAM_MIN_ROWS_PER_EXPERT - 305])
-    x = torch.randn(int(counts.sum()), 32)
+    fast, slow, counts, x = _experts_and_reference()
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        out, ref = experts(x, counts), loop(x, counts)  # the reference loop autocasts each product
+        out, ref = fast(x, counts), slow(x, counts)  # the reference loop autocasts each product
     assert out.dtype == ref.dtype == torch.bfloat16
     torch.testing.assert_close(out, ref, atol=1e-2, rtol=1e-2)

@@ -15,9 +15,9 @@ from foe.engine.engine import LLMEngine
 from foe.engine.launch import ServerHandle
 from foe.engine.request import RequestParams
 from foe.engine.scheduler import SchedulerConfig
-from foe.engine.server import ServerConfig
 from foe.tokenizer import byte_level_tokenizer
 from tests.conftest import build, tiny
+from tests.engine.servers import tiny_server
 
 CHAT = "{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
 
@@ -29,8 +29,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def server(model):
-    engine = LLMEngine.from_model(model, SchedulerConfig(num_blocks=128, block_size=4), byte_level_tokenizer())
-    with ServerHandle(engine, ServerConfig(model_name="tiny-foe", chat_template=CHAT)) as s:
+    with tiny_server(model, chat_template=CHAT) as s:
         yield s
 
 

@@ -17,6 +17,7 @@ from foe.engine.scheduler import SchedulerConfig
 from foe.engine.server import ServerConfig
 from foe.tokenizer import EOS_TOKEN, byte_level_tokenizer
 from tests.conftest import build, tiny
+from tests.engine.servers import tiny_server
 
 # HF-style: bos/eos variables, raise_exception, whitespace control that relies on trim_blocks/lstrip_blocks
 TEMPLATE = """{{ bos_token }}
@@ -39,8 +40,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def server(model):
-    engine = LLMEngine.from_model(model, SchedulerConfig(num_blocks=128, block_size=4), byte_level_tokenizer())
-    with ServerHandle(engine, ServerConfig(model_name="tiny-foe", chat_template=TEMPLATE, bos_token="<s>")) as s:
+    with tiny_server(model, chat_template=TEMPLATE, bos_token="<s>") as s:
         yield s
 
 
