@@ -1,6 +1,7 @@
 """`foe sim {clusters,forward,serve,calibrate}`: the cost model that projects MoE and FoE onto clusters.
 
-Imports foe.sim only (no torch): projections run in seconds on any machine.
+Imports foe.sim only (no torch): projections run in seconds on any machine. Only `--checkpoint`
+loads the model package, to read and check the checkpoint's config.
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ import argparse
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from foe.cli.common import checkpoint_from_args
 
 if TYPE_CHECKING:
     from foe.config import ModelConfig
@@ -31,7 +34,8 @@ def _floats(s: str) -> list[float]:
 
 def _common(p: argparse.ArgumentParser, nodes_default: str = "1") -> None:
     p.add_argument("--preset", default="7b", help="model size preset (default 7b)")
-    p.add_argument("--checkpoint", metavar="DIR", help="use the config.json of a checkpoint instead of a preset")
+    p.add_argument("--checkpoint", metavar="DIR",
+                   help="use the config of a checkpoint (or of a `foe train` run's latest one) instead of a preset")
     p.add_argument("--cluster", default="h100", help="h100, h200, cpu-gloo or a JSON file (default h100)")
     p.add_argument("--nodes", type=_ints, default=_ints(nodes_default), help=f"node counts (default {nodes_default})")
     p.add_argument("--devices-per-node", type=int, default=None, help="override the preset's devices per node")
@@ -105,14 +109,12 @@ def register(commands: argparse._SubParsersAction, bench: argparse._SubParsersAc
 
 
 def _config(args: argparse.Namespace, arch: str) -> "ModelConfig":
+    """The preset's (or checkpoint's: a checkpoint or run directory, as everywhere) config as `arch`."""
     from foe.config import ModelConfig
-    if args.checkpoint:
-        path = Path(args.checkpoint) / "config.json"
-        try:
-            cfg = ModelConfig.from_dict(json.loads(path.read_text()))
-        except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"cannot read {path}: {e}") from None
-        return cfg.replace(arch=arch)
+    from foe.model.checkpoint import load_config
+    ckpt = checkpoint_from_args(args)
+    if ckpt is not None:
+        return load_config(ckpt).replace(arch=arch)
     return ModelConfig.from_preset(args.preset, arch=arch)
 
 
