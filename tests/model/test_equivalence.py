@@ -15,9 +15,11 @@ def test_foe_with_one_group_equals_moe(sync: str) -> None:
     foe = build(tiny("foe", n_kv_heads=1, top_k=2, sync=sync), seed=1)
     foe.load_state_dict(moe.state_dict())
     x = torch.randint(0, 256, (3, 17))
-    a, b = moe(x), foe(x)
+    a, b = moe.train()(x), foe.train()(x)  # train mode: the routers' losses are computed
     torch.testing.assert_close(b.logits, a.logits, atol=1e-5, rtol=1e-5)
+    assert a.aux_loss > 0 and a.z_loss > 0
     torch.testing.assert_close(b.aux_loss, a.aux_loss)
+    torch.testing.assert_close(b.z_loss, a.z_loss)
     assert torch.equal(b.expert_counts, a.expert_counts)
 
 

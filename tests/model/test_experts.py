@@ -70,3 +70,16 @@ def test_balance_loss_is_one_when_uniform_and_larger_when_skewed() -> None:
         router.weight[0, :, 0] = 10.0
     skewed = router(torch.ones(1, 64, 4)).aux_loss.item()
     assert skewed > 3.5  # nearly everything on one expert: loss -> e = 4
+
+
+def test_router_losses_only_in_train_mode() -> None:
+    """The balance and z losses are training signals: eval mode (serving, benchmarks) skips them and
+    reports zeros, while the routing itself is the same in both modes."""
+    torch.manual_seed(0)
+    router = TopKRouter(2, 8, 4, 1, "softmax", True, 0.5)
+    x = torch.randn(2, 32, 8)
+    train, inference = router.train()(x), router.eval()(x)
+    assert train.aux_loss > 0 and train.z_loss > 0
+    assert inference.aux_loss == 0 and inference.z_loss == 0
+    assert torch.equal(train.experts_GTA, inference.experts_GTA) and torch.equal(train.counts_E, inference.counts_E)
+    torch.testing.assert_close(train.weights_GTA, inference.weights_GTA)

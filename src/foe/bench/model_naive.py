@@ -9,8 +9,8 @@ checks that. It handles FoE's G routing domains the same way our router does (gr
 its own experts, ids are module-global), so it can stand in for both architectures.
 
 What it does not do: the load-balancing and z losses. Like Hugging Face, which computes the balance
-loss outside the block and only when training, it returns zeros for both; the benchmark runs
-inference, and leaving them out only makes the baseline faster.
+loss outside the block and only when training, it returns zeros for both, as our router does in eval
+mode (the mode the benchmark runs in).
 """
 
 from __future__ import annotations

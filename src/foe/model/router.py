@@ -17,8 +17,8 @@ class RouterOutput:
     weights_GTA: torch.Tensor  # gate weight of each chosen expert (float32)
     experts_GTA: torch.Tensor  # module-global expert id, int64
     counts_E: torch.Tensor  # tokens routed to each expert of this module, int64
-    aux_loss: torch.Tensor  # Switch load-balancing loss, mean over routing domains
-    z_loss: torch.Tensor  # router z-loss (mean squared logsumexp of the logits)
+    aux_loss: torch.Tensor  # Switch load-balancing loss, mean over routing domains (0 in eval mode)
+    z_loss: torch.Tensor  # router z-loss, mean squared logsumexp of the logits (0 in eval mode)
 
 
 class TopKRouter(nn.Module):
@@ -43,12 +43,14 @@ class TopKRouter(nn.Module):
             weights_GAT = weights_GAT / weights_GAT.sum(1, keepdim=True).clamp_min(1e-20)
         counts_Ge = torch.zeros(G, e, dtype=torch.int64, device=x_GTD.device)
         counts_Ge.scatter_add_(1, local_GAT.reshape(G, -1), torch.ones_like(local_GAT.reshape(G, -1)))
-        # Switch Transformer balance loss per domain: e * sum_j f_j * P_j, f = share of routed slots,
-        # P = mean routing probability (normalised to a distribution for sigmoid scores).
-        dist = probs_GeT if self.score == "softmax" else probs_GeT / probs_GeT.sum(1, keepdim=True).clamp_min(1e-20)
-        frac = counts_Ge.float() / max(T * A, 1)
-        aux = (e * (frac * dist.mean(2)).sum(-1)).mean() if T else logits_GeT.new_zeros(())
-        z = torch.logsumexp(logits_GeT, 1).pow(2).mean() if T else logits_GeT.new_zeros(())
+        aux = z = logits_GeT.new_zeros(())
+        if self.training and T:  # training-only losses: inference skips their ~20 ops per layer
+            # Switch Transformer balance loss per domain: e * sum_j f_j * P_j, f = share of routed slots,
+            # P = mean routing probability (normalised to a distribution for sigmoid scores).
+            dist = probs_GeT if self.score == "softmax" else probs_GeT / probs_GeT.sum(1, keepdim=True).clamp_min(1e-20)
+            frac = counts_Ge.float() / (T * A)
+            aux = (e * (frac * dist.mean(2)).sum(-1)).mean()
+            z = torch.logsumexp(logits_GeT, 1).pow(2).mean()
         offset = torch.arange(G, device=x_GTD.device).view(G, 1, 1) * e
         experts_GTA = (local_GAT + offset).transpose(1, 2).contiguous()
         return RouterOutput(weights_GAT.transpose(1, 2).contiguous(), experts_GTA, counts_Ge.view(-1), aux, z)

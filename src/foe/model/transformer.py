@@ -18,8 +18,8 @@ from foe.model.moe import MoEBlock
 @dataclass
 class ModelOutput:
     logits: torch.Tensor  # [B, L, V], or [N, V] when `logits_at` selects N token rows
-    aux_loss: torch.Tensor  # load-balancing loss, mean over layers and routing domains
-    z_loss: torch.Tensor  # router z-loss, mean over layers
+    aux_loss: torch.Tensor  # load-balancing loss, mean over layers and routing domains (train mode only; 0 in eval)
+    z_loss: torch.Tensor  # router z-loss, mean over layers (train mode only; 0 in eval)
     expert_counts: torch.Tensor  # [n_layers, E_local] tokens each (local) expert received
 
 
