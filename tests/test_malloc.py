@@ -24,7 +24,7 @@ model = Transformer(ModelConfig.from_preset("small", arch="moe", n_layers=1)).ev
 ids = torch.randint(0, model.cfg.vocab_size, (8, 256))
 faults = []
 with torch.inference_mode():
-    for _ in range(5):
+    for _ in range(8):
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         model(ids, logits_at=torch.arange(8))
         faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
@@ -45,10 +45,11 @@ def test_tuned_heap_reuses_large_blocks() -> None:
     if not tuned["tuned"]:
         pytest.skip("this libc does not take mallopt settings (not glibc)")
     assert not default["tuned"]
-    # Steady state (calls 3-5): glibc's default maps and unmaps the big blocks on every call (measured
-    # ~6,100 faults = 24 MB per call); tuned, the heap keeps them (measured 130-540).
-    steady_default, steady_tuned = min(default["faults"][2:]), max(tuned["faults"][2:])
-    assert steady_default > 1000, default
+    # Steady state (calls 3-8): glibc's default maps and unmaps the big blocks on every call (measured
+    # 5,600-6,600 faults = ~24 MB per call); tuned, the heap keeps them (measured 0-2,049 per call, the
+    # heap still grows now and then, so the test compares totals).
+    steady_default, steady_tuned = sum(default["faults"][2:]), sum(tuned["faults"][2:])
+    assert steady_default > 6 * 1000, default
     assert steady_tuned * 4 < steady_default, (default, tuned)
 
 
