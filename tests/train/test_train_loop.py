@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 
 import pytest
 import torch
@@ -52,6 +53,12 @@ def _dp_worker(rank: int, world: int, port: int, out: str, kw: dict) -> None:
         _save_run(_trainer("foe", _data(4000), rank, world, **kw), out if rank == 0 else None)
     finally:
         dist.destroy_process_group()
+    # Skip interpreter finalization: torch 2.13's gloo occasionally aborts there ("terminate called
+    # without an active exception", about 1 run in 10 of this worker on this machine), after the work
+    # and the file are done; this test is about the numbers, not about process teardown.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _save_run(tr: Trainer, out: str | None) -> dict[str, torch.Tensor]:
