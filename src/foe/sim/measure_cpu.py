@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from foe.malloc import tune_malloc
 from foe.sim.measurement import write_measurement
 
 OUT = Path(__file__).parent / "data" / "cpu_measured.json"
@@ -107,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=29571)
     p.add_argument("--out", type=Path, default=OUT)
     args = p.parse_args(argv)
+    tune_malloc()  # the same allocator settings as the `foe` commands whose runs this calibrates against
     import tempfile
 
     import torch.multiprocessing as mp
