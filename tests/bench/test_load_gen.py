@@ -12,18 +12,17 @@ import asyncio
 import json
 import math
 import socket
-import threading
 import time
 
 import httpx
 import numpy as np
 import pytest
-import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from foe.bench.datasets import SampleRequest
 from foe.bench.load_gen import RequestOutput, arrival_offsets, completion_payload, send_all, stream_completion
+from foe.engine.launch import AppThread
 
 
 # ---- arrival process ----------------------------------------------------------------------------
@@ -87,11 +86,7 @@ class ScriptedServer:
             n = 0 if body["prompt"] == "no-tokens" else body["max_tokens"]
             return StreamingResponse(self._events(i, n, body.get("model")), media_type="text/event-stream")
 
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self._server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="error"))
-        self._thread = threading.Thread(target=self._server.run, daemon=True)
+        self._http = AppThread(app)
 
     async def _events(self, i: int, n: int, model: str):  # noqa: ANN202
         self.sent[i] = []
@@ -106,20 +101,14 @@ class ScriptedServer:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return self._http.url
 
     def __enter__(self) -> "ScriptedServer":
-        self._thread.start()
-        deadline = time.time() + 10
-        while not self._server.started:
-            if time.time() > deadline:
-                raise RuntimeError("scripted server did not start")
-            time.sleep(0.01)
+        self._http.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._server.should_exit = True
-        self._thread.join(timeout=5)
+        self._http.stop()
 
 
 def _req(prompt: str = "hello", out: int = 5) -> SampleRequest:

@@ -120,6 +120,34 @@ def serve_forever(spec: ModelSpec, dims: ParallelDims, cfg: SchedulerConfig, ser
     return 1 if async_engine.dead else 0
 
 
+class AppThread:
+    """Any ASGI app served by uvicorn in a daemon thread on a free 127.0.0.1 port (tests, benchmarks).
+    The socket is bound here, so the port cannot be taken between choosing it and serving on it."""
+
+    def __init__(self, app) -> None:  # noqa: ANN001
+        self.sock = bind_socket("127.0.0.1", 0)
+        self.port = self.sock.getsockname()[1]
+        self.server = _uvicorn(app, self.sock)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout_s: float = 30.0) -> None:
+        self.thread.start()
+        deadline = time.monotonic() + timeout_s
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the server did not start")
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+        self.sock.close()
+
+
 class ServerHandle:
     """An in-process server on a free 127.0.0.1 port (uvicorn in a thread): `with ServerHandle(...) as s:`."""
 
@@ -133,27 +161,17 @@ class ServerHandle:
         except BaseException:
             self.async_engine.shutdown()
             raise
-        self.sock = bind_socket("127.0.0.1", 0)
-        self.port = self.sock.getsockname()[1]
-        self.server = _uvicorn(self.app, self.sock)
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+        self.http = AppThread(self.app)
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return self.http.url
 
     def __enter__(self) -> ServerHandle:
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("the server did not start")
-            time.sleep(0.02)
+        self.http.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
-        self.sock.close()
+        self.http.stop()
         self.async_engine.shutdown()
         self.engine.close()
