@@ -23,20 +23,28 @@ def forward_rows(results: list[ForwardTime]) -> list[list[Any]]:
     return rows
 
 
-def plot_speedup(curves: dict[str, tuple[list[int], list[float]]], title: str, path: Path) -> Path:
-    """curves: label -> (batch sizes, MoE time / FoE time)."""
+def _line_plot(curves: dict[str, tuple[Any, Any]], title: str, path: Path, xlabel: str, ylabel: str,
+               log_base: float, unity_line: bool = False, marker: str | None = None) -> Path:
+    """One panel of labelled lines over a log x axis, as every sim line plot draws it."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for label, (xs, ys) in curves.items():
-        ax.plot(xs, ys, marker="o", label=label)
-    ax.axhline(1.0, color="grey", lw=0.8, ls="--")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("batch size (sequences)")
-    ax.set_ylabel("predicted speedup (MoE time / FoE time)")
+        ax.plot(xs, ys, marker=marker, label=label)
+    if unity_line:
+        ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+    ax.set_xscale("log", base=log_base)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     return save_figure(fig, path, dpi=120)
+
+
+def plot_speedup(curves: dict[str, tuple[list[int], list[float]]], title: str, path: Path) -> Path:
+    """curves: label -> (batch sizes, MoE time / FoE time)."""
+    return _line_plot(curves, title, path, "batch size (sequences)", "predicted speedup (MoE time / FoE time)",
+                      log_base=2, unity_line=True, marker="o")
 
 
 def plot_breakdown(results: list[ForwardTime], title: str, path: Path) -> Path:
@@ -59,18 +67,11 @@ def plot_breakdown(results: list[ForwardTime], title: str, path: Path) -> Path:
 
 
 def plot_cdfs(samples: dict[str, Any], title: str, path: Path) -> Path:
-    """Empirical CDFs: label -> 1-D array of seconds."""
+    """Empirical CDFs: label -> 1-D array of seconds (plotted in ms; empty arrays are left out)."""
     import numpy as np
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    curves = {}
     for label, x in samples.items():
         x = np.sort(np.asarray(x))
         if x.size:
-            ax.plot(x * 1e3, np.arange(1, x.size + 1) / x.size, label=label)
-    ax.set_xscale("log")
-    ax.set_xlabel("ms")
-    ax.set_ylabel("fraction of requests")
-    ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    return save_figure(fig, path, dpi=120)
+            curves[label] = (x * 1e3, np.arange(1, x.size + 1) / x.size)
+    return _line_plot(curves, title, path, "ms", "fraction of requests", log_base=10)
