@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -59,7 +60,9 @@ def apply_umask(path: str | Path) -> None:
     os.chmod(path, mode & ~current_umask())
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write: Callable[[str], object]) -> None:
+    """`write(tmp)` fills a temporary file beside `path`, which then replaces `path` in one rename (with
+    the umask's permissions); a failure leaves `path` as it was."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     os.close(fd)
     try:
@@ -78,9 +81,9 @@ def save_checkpoint(model: Transformer, directory: str | Path, extra_config: dic
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     if model.cfg.tie_embeddings:
         state.pop("head.weight", None)  # safetensors stores no aliases; re-tied on load
-    _atomic_write(d / WEIGHTS_FILE, lambda p: save_file(state, p, metadata={"format": "pt"}))
+    atomic_write(d / WEIGHTS_FILE, lambda p: save_file(state, p, metadata={"format": "pt"}))
     cfg = {**config_to_hf(model.cfg), **(extra_config or {})}
-    _atomic_write(d / CONFIG_FILE, lambda p: Path(p).write_text(json.dumps(cfg, indent=2) + "\n"))
+    atomic_write(d / CONFIG_FILE, lambda p: Path(p).write_text(json.dumps(cfg, indent=2) + "\n"))
     return d
 
 

@@ -27,8 +27,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
-from foe.model.checkpoint import (CONFIG_FILE, CheckpointError, apply_umask, check_state, load_state,
-                                  save_checkpoint)
+from foe.model.checkpoint import (CONFIG_FILE, CheckpointError, apply_umask, atomic_write, check_state,
+                                  load_state, save_checkpoint)
 from foe.model.transformer import Transformer
 from foe.tokenizer import save_tokenizer
 
@@ -90,11 +90,7 @@ def save_training_checkpoint(run_dir: str | Path, step: int, model: Transformer,
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    fd, latest_tmp = tempfile.mkstemp(dir=run, prefix=".latest.")
-    with os.fdopen(fd, "w") as f:
-        f.write(final.name + "\n")
-    apply_umask(latest_tmp)  # mkstemp made it 0600
-    os.replace(latest_tmp, run / LATEST)
+    atomic_write(run / LATEST, lambda tmp: Path(tmp).write_text(final.name + "\n"))
     for old in sorted(run.glob("step_*"))[:-keep] if keep > 0 else []:
         if old != final:
             shutil.rmtree(old, ignore_errors=True)
