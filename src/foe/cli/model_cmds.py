@@ -89,10 +89,10 @@ def init(args: argparse.Namespace) -> int:
     from foe.model.checkpoint import save_checkpoint
     out = Path(args.out)
     check_output(out, "--out", is_dir=True)
-    if out.is_dir() and any(out.iterdir()) and not args.force:
-        raise ValueError(f"--out {out} is not empty ({', '.join(sorted(p.name for p in out.iterdir())[:5])}"
-                         f"{' ...' if len(list(out.iterdir())) > 5 else ''}); choose a new directory or pass "
-                         f"--force to replace the checkpoint in it")
+    present = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if present and not args.force:
+        raise ValueError(f"--out {out} is not empty ({', '.join(present[:5])}{' ...' if len(present) > 5 else ''}); "
+                         f"choose a new directory or pass --force to replace the checkpoint in it")
     model = model_from_args(args)
     src = checkpoint_from_args(args)
     # Read the source tokenizer before touching --out: it may be the same directory.

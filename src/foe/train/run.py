@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -30,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 from foe.config import ModelConfig
-from foe.model.checkpoint import apply_umask, load_config
+from foe.model.checkpoint import atomic_write, load_config
 from foe.model.transformer import Transformer
 from foe.tokenizer import TOKENIZER_FILE, check_vocab_fits, load_tokenizer, train_bpe
 from foe.train.checkpointing import (has_checkpoint, load_training_state, read_trainer_state,
@@ -53,11 +51,7 @@ class JsonlLog:
         if not self.enabled or not self.path.is_file():
             return
         keep = [r for r in _records(self.path) if r["step"] <= step]
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".log.")
-        with os.fdopen(fd, "w") as f:
-            f.write("".join(json.dumps(r) + "\n" for r in keep))
-        apply_umask(tmp)
-        os.replace(tmp, self.path)
+        atomic_write(self.path, lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in keep)))
 
     def write(self, record: dict[str, Any]) -> None:
         if self.enabled:
