@@ -39,13 +39,15 @@ def remember_given(p: argparse.ArgumentParser) -> None:
     p.set_defaults(**{GIVEN: frozenset()})
 
 
-def at_least(lo: int) -> Callable[[str], int]:
-    """argparse type: an integer >= lo."""
+def at_least(lo: int, hi: int | None = None, hint: str = "") -> Callable[[str], int]:
+    """argparse type: an integer >= lo (and <= hi when given; `hint` explains the range in the error)."""
     def parse(s: str) -> int:
         try:
             v = int(s)
         except ValueError:
             raise argparse.ArgumentTypeError(f"must be an integer, got {s!r}") from None
+        if hi is not None and not lo <= v <= hi:
+            raise argparse.ArgumentTypeError(f"must be in {lo}..{hi}{hint}, got {v}")
         if v < lo:
             raise argparse.ArgumentTypeError(f"must be >= {lo}, got {v}")
         return v

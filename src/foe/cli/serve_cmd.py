@@ -5,33 +5,16 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
-from foe.cli.common import add_model_args
+from foe.cli.common import add_model_args, at_least
 
 if TYPE_CHECKING:
     from foe.config import ModelConfig
     from foe.engine.scheduler import SchedulerConfig
 
 
-def positive_int(s: str) -> int:
-    """argparse type: an integer >= 1 (argparse names the option in its error)."""
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer, got {s!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-    return v
-
-
-def port_number(s: str) -> int:
-    """argparse type: a TCP port, 0..65535 (0: any free port; the banner prints the one bound)."""
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer, got {s!r}") from None
-    if not 0 <= v <= 65535:
-        raise argparse.ArgumentTypeError(f"must be in 0..65535 (0: any free port), got {v}")
-    return v
+positive_int = at_least(1)
+# a TCP port; 0 = any free port (the banner prints the one bound)
+port_number = at_least(0, 65535, " (0: any free port)")
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
