@@ -61,6 +61,11 @@ class SamplingFields(BaseModel):
     logit_bias: dict[str, float] | None = None
     user: str | None = None
 
+    @property
+    def include_usage(self) -> bool:
+        """A streamed response ends with a usage chunk (stream_options.include_usage)."""
+        return bool(self.stream_options and self.stream_options.include_usage)
+
     def check_supported(self) -> None:
         if self.n != 1:
             raise APIError("only n=1 is supported", param="n")
@@ -125,6 +130,11 @@ class ChatCompletionRequest(SamplingFields):
         if n == 0:
             raise APIError(f"{name} must be at least 1, got 0", param=name)
         return n, name
+
+
+def usage(n_prompt: int, n_generated: int) -> dict[str, int]:
+    """The `usage` object of every response."""
+    return {"prompt_tokens": n_prompt, "completion_tokens": n_generated, "total_tokens": n_prompt + n_generated}
 
 
 def token_text(tok: Tokenizer, token_id: int) -> str:

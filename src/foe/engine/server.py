@@ -27,7 +27,7 @@ from foe.engine.async_engine import AsyncEngine, EngineDeadError, RequestStream
 from foe.engine.chat import ChatTemplate, chat_logprobs, default_eos
 from foe.engine.engine import RequestOutput
 from foe.engine.protocol import (APIError, ChatCompletionRequest, CompletionRequest, error_body,
-                                 logprobs_block)
+                                 logprobs_block, usage)
 from foe.engine.request import RequestParams
 
 
@@ -166,8 +166,7 @@ def build_app(engine: AsyncEngine, tokenizer: Tokenizer, cfg: ServerConfig) -> F
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": rid, "object": "text_completion", "created": created, "model": cfg.model_name}
         if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return sse(stream_completions(head, prompts, streams, req, include_usage))
+            return sse(stream_completions(head, prompts, streams, req))
         return await collect_completions(head, prompts, streams, req)
 
     def prompt_part(prompt: list[int], out: RequestOutput, req: CompletionRequest) -> tuple[str, dict | None]:
@@ -213,10 +212,10 @@ def build_app(engine: AsyncEngine, tokenizer: Tokenizer, cfg: ServerConfig) -> F
                 await st.aclose()
         n_prompt, n_gen = sum(map(len, prompts)), sum(n for _, n in results)
         return {**head, "choices": [c for c, _ in results],
-                "usage": {"prompt_tokens": n_prompt, "completion_tokens": n_gen, "total_tokens": n_prompt + n_gen}}
+                "usage": usage(n_prompt, n_gen)}
 
-    async def stream_completions(head: dict, prompts: list[list[int]], streams: list, req: CompletionRequest,
-                                 include_usage: bool) -> AsyncIterator[dict[str, Any]]:
+    async def stream_completions(head: dict, prompts: list[list[int]], streams: list, req: CompletionRequest
+                                 ) -> AsyncIterator[dict[str, Any]]:
         merged: asyncio.Queue = asyncio.Queue()
 
         async def pump(i: int) -> None:
@@ -257,10 +256,8 @@ def build_app(engine: AsyncEngine, tokenizer: Tokenizer, cfg: ServerConfig) -> F
                     continue
                 yield {**head, "choices": [{"index": i, "text": text, "logprobs": lp,
                                             "finish_reason": o.seq.finish_reason if o.finished else None}]}
-            if include_usage:
-                n_prompt = sum(map(len, prompts))
-                yield {**head, "choices": [], "usage": {"prompt_tokens": n_prompt, "completion_tokens": n_gen,
-                                                        "total_tokens": n_prompt + n_gen}}
+            if req.include_usage:
+                yield {**head, "choices": [], "usage": usage(sum(map(len, prompts)), n_gen)}
         finally:
             for t in tasks:
                 t.cancel()
@@ -281,15 +278,11 @@ def build_app(engine: AsyncEngine, tokenizer: Tokenizer, cfg: ServerConfig) -> F
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": rid, "object": "chat.completion", "created": created, "model": cfg.model_name}
 
-        def usage(n: int) -> dict[str, int]:
-            return {"prompt_tokens": len(ids), "completion_tokens": n, "total_tokens": len(ids) + n}
-
         def lp(entries: list) -> dict[str, Any] | None:
             return chat_logprobs(tokenizer, entries, top) if top is not None else None
         if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return sse(stream_chat({**head, "object": "chat.completion.chunk"}, stream, lp,
-                                   usage if include_usage else None))
+                                   len(ids) if req.include_usage else None))
         text, n, lps, last = "", 0, [], None
         try:
             async for o in stream:
@@ -301,11 +294,12 @@ def build_app(engine: AsyncEngine, tokenizer: Tokenizer, cfg: ServerConfig) -> F
             await stream.aclose()
         return {**head, "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                                      "logprobs": lp(lps), "finish_reason": last.seq.finish_reason}],
-                "usage": usage(n)}
+                "usage": usage(len(ids), n)}
 
-    async def stream_chat(head: dict, stream: RequestStream, lp: Any, usage: Any) -> AsyncIterator[dict[str, Any]]:
+    async def stream_chat(head: dict, stream: RequestStream, lp: Any, usage_prompt_tokens: int | None
+                          ) -> AsyncIterator[dict[str, Any]]:
         """Chunks as OpenAI sends them: the role first, then one per step with new tokens (content delta
-        and their logprobs), the finish_reason on the last, then the usage chunk if asked for."""
+        and their logprobs), the finish_reason on the last, then the usage chunk when usage_prompt_tokens is given (stream_options.include_usage)."""
         yield {**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                                     "finish_reason": None}]}
         n = 0
@@ -317,8 +311,8 @@ def build_app(engine: AsyncEngine, tokenizer: Tokenizer, cfg: ServerConfig) -> F
                                             "finish_reason": o.seq.finish_reason if o.finished else None}]}
         finally:
             await stream.aclose()
-        if usage is not None:
-            yield {**head, "choices": [], "usage": usage(n)}
+        if usage_prompt_tokens is not None:
+            yield {**head, "choices": [], "usage": usage(usage_prompt_tokens, n)}
 
     def sse(chunks: AsyncIterator[dict[str, Any]]) -> StreamingResponse:
         async def body() -> AsyncIterator[str]:
