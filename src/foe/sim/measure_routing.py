@@ -36,7 +36,7 @@ from foe.model import Transformer
 from foe.model.checkpoint import CheckpointError, load_checkpoint, load_config
 from foe.sim.imbalance import STATS_FILE, popularity_cv, rank_imbalance
 from foe.sim.measurement import write_measurement
-from foe.tokenizer import TOKENIZER_FILE, byte_level_tokenizer, load_tokenizer
+from foe.tokenizer import TOKENIZER_FILE, byte_level_tokenizer, check_vocab_fits, load_tokenizer
 from foe.train.checkpointing import read_trainer_state
 from foe.train.config import TrainConfig
 from foe.train.data import PackedData, read_documents, tokenize_documents
@@ -106,9 +106,8 @@ def measure_arch(arch: str, args: argparse.Namespace, streams: dict[str, tuple[t
     ckpt = Path(ckpt) if ckpt else None
     cfg = load_config(ckpt) if ckpt else ModelConfig.from_preset(args.preset, arch=arch)
     tok = load_tokenizer(ckpt) if ckpt else byte_level_tokenizer()
-    if tok.get_vocab_size() > cfg.vocab_size:
-        raise ValueError(f"the tokenizer has {tok.get_vocab_size()} tokens but the model only {cfg.vocab_size}")
     tok_name = str(ckpt / TOKENIZER_FILE) if ckpt and (ckpt / TOKENIZER_FILE).is_file() else "byte-level"
+    check_vocab_fits(tok, cfg.vocab_size, f"the {tok_name} tokenizer")
     tcfg = train_config_of(ckpt) if args.text_file is None else TrainConfig(out_dir="")
     key = f"{tok.to_str()}|{tcfg.data}|{tcfg.seq_len}|{tcfg.val_fraction}|{args.text_file}"
     if key not in streams:
