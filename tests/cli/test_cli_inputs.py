@@ -133,3 +133,22 @@ def test_checkpoint_files_follow_the_umask(tmp_path: Path, run_dir: Path) -> Non
     for p in paths:
         want = (0o777 if p.is_dir() else 0o666) & ~0o027
         assert stat.S_IMODE(p.stat().st_mode) == want, (p, oct(p.stat().st_mode))
+
+
+def test_number_lists_and_ranges_parse_and_refuse_clearly() -> None:
+    """The shared argparse types every subcommand's list and range options use."""
+    import argparse
+
+    from foe.cli.common import at_least, number_list
+    ints = number_list(int, "integers", positive=True)
+    assert ints("1,4, 16") == (1, 4, 16) and ints("8") == (8,)
+    assert number_list(float)("0.5,1.5") == (0.5, 1.5)
+    for bad, msg in (("", "comma-separated integers"), ("1,x", "comma-separated integers"), ("0,4", "positive")):
+        with pytest.raises(argparse.ArgumentTypeError, match=msg):
+            ints(bad)
+    port = at_least(0, 65535, " (0: any free port)")
+    assert port("0") == 0 and port("65535") == 65535
+    with pytest.raises(argparse.ArgumentTypeError, match=r"0\.\.65535 \(0: any free port\), got 65536"):
+        port("65536")
+    with pytest.raises(argparse.ArgumentTypeError, match="must be >= 1, got 0"):
+        at_least(1)("0")

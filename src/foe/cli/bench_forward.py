@@ -6,12 +6,10 @@ import argparse
 import json
 from pathlib import Path
 
+from foe.cli.common import number_list
 
-def _ints(s: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(v) for v in s.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
+
+_ints = number_list(int, "integers")
 
 
 def _names(s: str) -> tuple[str, ...]:

@@ -6,15 +6,10 @@ import argparse
 import json
 from pathlib import Path
 
+from foe.cli.common import number_list
 
-def _ints(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(v) for v in text.replace(",", " ").split())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected integers separated by commas, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
+
+_ints = number_list(int, "integers", positive=True)
 
 
 def _phases(text: str) -> tuple[str, ...]:

@@ -7,13 +7,10 @@ import argparse
 import math
 
 from foe.bench.datasets import DEFAULT_LONGBENCH_OUTPUT_SCALE, DEFAULT_LONGBENCH_SCALE, LONGBENCH_TASKS
+from foe.cli.common import number_list
 
 
-def _floats(s: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(x) for x in s.split(",") if x.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {s!r}") from None
+_floats = number_list(float)
 
 
 def _add_workload_args(p: argparse.ArgumentParser, longbench_only: bool = False) -> None:

@@ -55,6 +55,23 @@ def at_least(lo: int, hi: int | None = None, hint: str = "") -> Callable[[str], 
     return parse
 
 
+def number_list(conv: Callable[[str], float], what: str = "numbers", positive: bool = False
+                ) -> Callable[[str], tuple]:
+    """argparse type: comma- (or space-) separated values, e.g. "1,4,16", as a non-empty tuple."""
+    def parse(s: str) -> tuple:
+        try:
+            values = tuple(conv(v) for v in s.replace(",", " ").split())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {s!r}") from None
+        if not values:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {s!r}")
+        if positive and min(values) <= 0:
+            raise argparse.ArgumentTypeError(f"expected positive {what}, got {s!r}")
+        return values
+    parse.__name__ = what
+    return parse
+
+
 def float_in(lo: float, hi: float, lo_open: bool = False, hi_open: bool = False) -> Callable[[str], float]:
     """argparse type: a float in the interval lo..hi (math.inf for no upper bound)."""
     def parse(s: str) -> float:

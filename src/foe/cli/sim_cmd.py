@@ -11,25 +11,15 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from foe.cli.common import checkpoint_from_args
+from foe.cli.common import checkpoint_from_args, number_list
 
 if TYPE_CHECKING:
     from foe.config import ModelConfig
     from foe.sim.hardware import Cluster
 
 
-def _ints(s: str) -> list[int]:
-    try:
-        return [int(x) for x in s.split(",") if x]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
-
-
-def _floats(s: str) -> list[float]:
-    try:
-        return [float(x) for x in s.split(",") if x]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {s!r}") from None
+_ints = number_list(int, "integers")
+_floats = number_list(float)
 
 
 def _common(p: argparse.ArgumentParser, nodes_default: str = "1") -> None:
