@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import json
 
 import pytest
@@ -53,7 +55,10 @@ def test_scorer_matches_hand_computation(tok, arch: str) -> None:
         expected_norm += norm.index(max(norm)) == it.gold
     for batch_size in (1, 4):
         got = score_items(model, tok, items, batch_size=batch_size)
-        assert got == {"acc": expected_acc / 3, "acc_norm": expected_norm / 3, "n": 3}
+        # lm-eval's stderr of a 0/1 mean: sample std (n - 1) / sqrt(n) = sqrt(p (1 - p) / (n - 1)).
+        se = [math.sqrt(p * (1 - p) / 2) for p in (expected_acc / 3, expected_norm / 3)]
+        assert got == pytest.approx({"acc": expected_acc / 3, "acc_stderr": se[0], "acc_norm": expected_norm / 3,
+                                     "acc_norm_stderr": se[1], "n": 3}, abs=1e-12)
 
 
 def test_loglikelihoods_match_chain_rule(tok) -> None:

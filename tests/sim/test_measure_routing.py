@@ -16,7 +16,7 @@ from foe.model.checkpoint import load_checkpoint, save_checkpoint
 from foe.sim.imbalance import load_routing_stats, popularity_cv
 from foe.sim.measure_routing import main
 from foe.tokenizer import save_tokenizer, train_bpe
-from foe.train.data import PackedData, read_documents, tokenize_documents
+from foe.train.data import read_documents, split_documents, tokenize_documents
 from tests.conftest import build, tiny
 
 SEQ = 32
@@ -87,10 +87,9 @@ def test_default_text_is_the_held_out_split_of_the_training_data(tmp_path: Path,
     ckpts = _checkpoints(tmp_path, tok, tcfg)
     stats = _run(ckpts, tmp_path / "stats.json")  # seq_len from the training config
 
-    stream = tokenize_documents(read_documents([str(corpus)]), tok)
-    data = PackedData.split(stream, SEQ, 0.25, 0)
-    held_out = data.val[:ROWS * SEQ].reshape(ROWS, SEQ)
-    assert not torch.equal(held_out, data.train[:ROWS * SEQ].reshape(ROWS, SEQ))
+    train_docs, val_docs = split_documents(read_documents([str(corpus)]), 0.25)
+    held_out = tokenize_documents(val_docs, tok)[:ROWS * SEQ].reshape(ROWS, SEQ)
+    assert not torch.equal(held_out, tokenize_documents(train_docs, tok)[:ROWS * SEQ].reshape(ROWS, SEQ))
     for arch, ckpt in ckpts.items():
         run = stats["runs"][f"{arch}-trained-text"]
         assert run["seq_len"] == SEQ and "held-out" in run["text"]

@@ -67,3 +67,39 @@ def test_kill_and_resume_is_exact(tmp_path: Path, small_corpus: Path) -> None:
                      "tokenizer.json", "tokenizer_config.json"}
     assert len(list(run.glob("step_*"))) == 2  # keep_ckpts
     assert not list(run.glob(".*tmp*"))
+
+
+# Runs `foe train` with the optimizer-state write patched to SIGKILL the process at its Nth call: the
+# checkpoint's temporary directory then holds the model and tokenizer but is never renamed into place.
+_KILLER = """
+import os, signal, sys
+import foe.train.checkpointing as ck
+calls = [0]
+def save_file(*a, **k):
+    calls[0] += 1
+    if calls[0] == int(os.environ["KILL_AT_WRITE"]):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return ck.__dict__["_real_save_file"](*a, **k)
+ck._real_save_file, ck.save_file = ck.save_file, save_file
+from foe.cli.main import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("kill_at", [1, 2])
+def test_killed_checkpoint_write_is_cleaned_up(tmp_path: Path, small_corpus: Path, kill_at: int) -> None:
+    run = tmp_path / "run"
+    args = _cmd(run, small_corpus)[3:]  # drop python -m foe.cli.main
+    args[args.index("--steps") + 1] = "10"
+    proc = subprocess.run([sys.executable, "-c", _KILLER, *args], env={**_env(), "KILL_AT_WRITE": str(kill_at)},
+                          capture_output=True, text=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    left = list(run.glob(".step_*.tmp-*"))
+    assert len(left) == 1 and (left[0] / "model.safetensors").is_file()  # the killed write's leftovers
+    assert (run / "latest").is_file() == (kill_at == 2)
+    # Kill at the first write: no checkpoint, so the run starts afresh; at the second: it resumes.
+    extra = ("--resume",) if kill_at == 2 else ()
+    subprocess.run([sys.executable, "-m", "foe.cli.main", *args, *extra], check=True, env=_env(),
+                   capture_output=True)
+    assert not list(run.glob(".*tmp*")), list(run.iterdir())
+    assert resolve_checkpoint(run).name == "step_00000010"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from pathlib import Path
 
 from foe.cli.common import (GIVEN, add_model_args, at_least, check_output, config_from_args, float_in,
@@ -98,10 +99,13 @@ def register(commands: argparse._SubParsersAction, bench: argparse._SubParsersAc
                             epilog=EVAL_EXAMPLES, formatter_class=raw)
     add_model_args(p)
     p.add_argument("--task", action="append", metavar="NAME[=PATH]", help=TASK_HELP)
-    p.add_argument("--data", action="append", metavar="SRC", help="text for perplexity (default builtin)")
-    p.add_argument("--seq-len", type=at_least(1), default=256)
-    p.add_argument("--val-fraction", type=FRACTION, default=0.02)
-    p.add_argument("--val-tokens", type=at_least(1), default=65536)
+    p.add_argument("--data", action="append", metavar="SRC",
+                   help="text for perplexity (default: the run's training data; builtin for a checkpoint "
+                        "without a training record)")
+    p.add_argument("--seq-len", type=at_least(1), help="window length (default: the run's)")
+    p.add_argument("--val-fraction", type=FRACTION,
+                   help="held-out share of the documents (default: the run's; a larger one is refused)")
+    p.add_argument("--val-tokens", type=at_least(1), help="score at most this many held-out tokens (default all)")
     p.add_argument("--no-ppl", action="store_true", help="skip perplexity")
     p.add_argument("--json", metavar="PATH", help="also write the results here")
     p.set_defaults(func=evaluate)
@@ -173,18 +177,27 @@ def _resumed_configs(args: argparse.Namespace, tcfg, mcfg):
 
 
 def evaluate(args: argparse.Namespace) -> int:
-    from foe.eval.harness import evaluate_tasks, format_task_table, mean_accuracy, parse_task_specs, \
-        validation_perplexity
+    from foe.eval.harness import (evaluate_tasks, format_task_table, heldout_settings, mean_accuracy,
+                                  parse_task_specs, validation_perplexity)
     tasks = parse_task_specs(args.task)
     model = model_from_args(args)
     tok = tokenizer_from_args(args)
     results: dict = {"checkpoint": args.checkpoint, "arch": model.cfg.arch}
     if not args.no_ppl:
-        results["perplexity"] = validation_perplexity(model, tok, args.data or ["builtin"], args.seq_len,
-                                                      args.val_fraction, args.val_tokens)
-        ppl = results["perplexity"]
-        print(f"validation: loss {ppl['val_loss']:.4f} nats/token, perplexity {ppl['val_ppl']:.2f} "
-              f"({ppl['val_tokens']} tokens)")
+        settings, warnings = heldout_settings(_training_record(args.checkpoint), args.data, args.val_fraction,
+                                              args.seq_len)
+        if args.checkpoint is None:
+            warnings = []  # random weights from a preset: no training to have seen the text
+        for w in warnings:
+            print(f"warning: {w}", file=sys.stderr)
+        ppl = validation_perplexity(model, tok, settings.data, settings.seq_len, settings.val_fraction,
+                                    args.val_tokens or 1 << 30)
+        results["perplexity"] = {**ppl, "data": list(settings.data), "val_fraction": settings.val_fraction,
+                                 "seq_len": settings.seq_len, "warnings": warnings}
+        lo, hi = ppl["val_ppl_ci95"]
+        print(f"validation: loss {ppl['val_loss']:.4f} ± {ppl['val_loss_stderr']:.4f} nats/token, perplexity "
+              f"{ppl['val_ppl']:.2f} (95% CI {lo:.2f}-{hi:.2f}; {ppl['val_tokens']} held-out tokens of "
+              f"{list(settings.data)} in {ppl['val_windows']} windows of {settings.seq_len})")
     results["tasks"] = evaluate_tasks(model, tok, tasks)
     results["mean"] = mean_accuracy(results["tasks"])
     print(format_task_table({model.cfg.arch.upper(): results["tasks"]}))
@@ -195,6 +208,18 @@ def evaluate(args: argparse.Namespace) -> int:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
         print(f"wrote {args.json}")
     return 0
+
+
+def _training_record(checkpoint: str | None) -> dict | None:
+    """The checkpoint's trainer_state.json (its run's settings), or None for a model-only checkpoint."""
+    from foe.model.checkpoint import CheckpointError
+    from foe.train.checkpointing import read_trainer_state
+    if checkpoint is None:
+        return None
+    try:
+        return read_trainer_state(checkpoint)
+    except CheckpointError:
+        return None
 
 
 def compare(args: argparse.Namespace) -> int:

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer
 
+from foe.eval.heldout import mean_stderr
 from foe.eval.tasks import MCItem
 from foe.model.transformer import Transformer
 from foe.tokenizer import eos_id
@@ -72,15 +73,18 @@ def loglikelihoods(model: Transformer, tok: Tokenizer, requests: list[tuple[str,
 
 def score_items(model: Transformer, tok: Tokenizer, items: list[MCItem], batch_size: int = 16
                 ) -> dict[str, float]:
-    """acc and acc_norm (lm-eval's definitions) over `items`, plus the item count."""
+    """acc and acc_norm (lm-eval's definitions) over `items`, their standard errors (lm-eval's mean_stderr:
+    sample standard deviation of the 0/1 scores over sqrt(n)), and the item count."""
     requests = [(it.context, TARGET_DELIMITER + c) for it in items for c in it.choices]
     lls = loglikelihoods(model, tok, requests, batch_size)
-    acc = acc_norm = 0
+    acc: list[float] = []
+    acc_norm: list[float] = []
     k = 0
     for it in items:
         ll = lls[k:k + len(it.choices)]
         k += len(it.choices)
         norm = [v / len(c) for v, c in zip(ll, it.choices)]
-        acc += int(max(range(len(ll)), key=lambda j: (ll[j], -j)) == it.gold)
-        acc_norm += int(max(range(len(norm)), key=lambda j: (norm[j], -j)) == it.gold)
-    return {"acc": acc / len(items), "acc_norm": acc_norm / len(items), "n": len(items)}
+        acc.append(float(max(range(len(ll)), key=lambda j: (ll[j], -j)) == it.gold))
+        acc_norm.append(float(max(range(len(norm)), key=lambda j: (norm[j], -j)) == it.gold))
+    return {"acc": sum(acc) / len(items), "acc_stderr": mean_stderr(acc), "acc_norm": sum(acc_norm) / len(items),
+            "acc_norm_stderr": mean_stderr(acc_norm), "n": len(items)}

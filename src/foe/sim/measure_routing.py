@@ -39,7 +39,7 @@ from foe.sim.measurement import write_measurement
 from foe.tokenizer import TOKENIZER_FILE, byte_level_tokenizer, check_vocab_fits, load_tokenizer
 from foe.train.checkpointing import read_trainer_state
 from foe.train.config import TrainConfig
-from foe.train.data import PackedData, read_documents, tokenize_documents
+from foe.train.data import held_out_stream
 
 
 def train_config_of(ckpt: Path | None) -> TrainConfig:
@@ -61,9 +61,8 @@ def text_stream(tok: Tokenizer, text_file: Path | None, tcfg: TrainConfig) -> tu
             raise ValueError(f"--text-file {text_file} does not exist")
         ids = tok.encode(text_file.read_text(encoding="utf-8"), add_special_tokens=False).ids
         return torch.tensor(ids, dtype=torch.int64), str(text_file)
-    tokens = tokenize_documents(read_documents(tcfg.data), tok)
-    val = PackedData.split(tokens, tcfg.seq_len, tcfg.val_fraction, tcfg.seed).val
-    return val, f"held-out split of {list(tcfg.data)} (last {tcfg.val_fraction:g} of the token stream)"
+    val = held_out_stream(tcfg.data, tok, tcfg.val_fraction)
+    return val, f"held-out split of {list(tcfg.data)} (held-out documents, {tcfg.val_fraction:g} of the text)"
 
 
 def input_ids(kind: str, vocab_size: int, stream: torch.Tensor, rows: int, seq_len: int,

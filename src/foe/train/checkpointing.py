@@ -9,7 +9,8 @@ Layout of a run directory:
     OUT/latest           the name of the newest complete step directory
 
 A checkpoint is first written to a temporary directory and renamed into place; `latest` is replaced
-with os.replace. A kill at any moment leaves `latest` naming a complete checkpoint. This module does not
+with os.replace. A kill at any moment leaves `latest` naming a complete checkpoint; the temporary directory of
+a killed write is removed when the run next starts or resumes. This module does not
 decide when to checkpoint, and does not build models or data.
 """
 
@@ -56,6 +57,20 @@ def resolve_checkpoint(path: str | Path) -> Path:
     raise CheckpointError(f"{p} is neither a checkpoint ({CONFIG_FILE}) nor a run directory ({LATEST})")
 
 
+def _tmp_prefix(step_name: str) -> str:
+    return f".{step_name}.tmp-"
+
+
+def remove_partial_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Delete the temporary directories of checkpoint writes that were killed mid-way (they are never
+    complete: a finished write renames its directory). Returns what was removed."""
+    run = Path(run_dir)
+    gone = [p for p in run.glob(_tmp_prefix("step_*") + "*") if p.is_dir()] if run.is_dir() else []
+    for p in gone:
+        shutil.rmtree(p, ignore_errors=True)
+    return gone
+
+
 def has_checkpoint(run_dir: str | Path) -> bool:
     return (Path(run_dir) / LATEST).is_file()
 
@@ -74,7 +89,7 @@ def save_training_checkpoint(run_dir: str | Path, step: int, model: Transformer,
     run = Path(run_dir)
     run.mkdir(parents=True, exist_ok=True)
     final = run / step_dir_name(step)
-    tmp = Path(tempfile.mkdtemp(dir=run, prefix=f".{final.name}.tmp-"))
+    tmp = Path(tempfile.mkdtemp(dir=run, prefix=_tmp_prefix(final.name)))
     try:
         save_checkpoint(model, tmp)
         save_tokenizer(tok, tmp)

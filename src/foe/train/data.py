@@ -3,7 +3,9 @@
 Documents come from the built-in corpus (`builtin`: public-domain English shipped in the package,
 see scripts/build_corpus.py) or from a user's .txt (one document per file) and .jsonl files (one
 {"text": ...} object per line; .xz/.gz compressed variants too). They are shuffled with a fixed seed,
-joined with EOS after each, and the last `val_fraction` of the tokens is held out for validation.
+and the last documents, at least `val_fraction` of the characters, are held out for validation: whole
+documents, so the tokenizer can be trained on the training documents alone (it never sees held-out text)
+and no document straddles the split. Each side is joined into one stream with EOS after each document.
 
 Packing: the training stream is cut into non-overlapping windows of seq_len + 1 tokens (inputs and
 shifted targets). Sample i of the run is window perm_e[i mod n] of epoch e = i // n, where perm_e is a
@@ -32,6 +34,9 @@ from foe.tokenizer import eos_id
 BUILTIN = "builtin"
 BUILTIN_FILE = "english.jsonl.xz"
 SPLIT_SEED = 0  # document order for the train/val split: fixed, so every run sees the same split
+# How the held-out set is chosen; saved with training runs, so that a run made under another rule (the
+# token-level split before it, whose tokenizer saw the held-out text) is recognised, not mis-scored.
+SPLIT_SCHEME = "documents-v1"
 
 
 def _open_text(path: Path) -> IO[str]:
@@ -92,18 +97,38 @@ def read_documents(sources: list[str] | tuple[str, ...]) -> list[str]:
     return docs
 
 
+def split_documents(docs: list[str], val_fraction: float) -> tuple[list[str], list[str]]:
+    """(training documents, held-out documents): the documents shuffled with the fixed split seed, the last
+    ones, covering at least `val_fraction` of all characters, held out. Both sides get at least one."""
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    if len(docs) < 2:
+        raise ValueError("the corpus has one document: a held-out split needs at least two (one per side); "
+                         "split the text into several documents (jsonl lines or files)")
+    order = list(range(len(docs)))
+    random.Random(SPLIT_SEED).shuffle(order)
+    want, held, cut = val_fraction * sum(len(d) for d in docs), 0, len(order)
+    while cut > 1 and held < want:
+        cut -= 1
+        held += len(docs[order[cut]])
+    return [docs[i] for i in order[:cut]], [docs[i] for i in order[cut:]]
+
+
 def tokenize_documents(docs: list[str], tok: Tokenizer) -> torch.Tensor:
-    """Shuffle documents with the fixed split seed and encode them into one int64 stream, EOS after each."""
+    """Encode documents, in the order given, into one int64 stream with EOS after each."""
     eos = eos_id(tok)
     if eos is None:
         raise ValueError("the tokenizer has no <|endoftext|> token")
-    order = list(range(len(docs)))
-    random.Random(SPLIT_SEED).shuffle(order)
     ids: list[int] = []
-    for enc in tok.encode_batch([docs[i] for i in order], add_special_tokens=False):
+    for enc in tok.encode_batch(docs, add_special_tokens=False):
         ids += enc.ids
         ids.append(eos)
     return torch.tensor(ids, dtype=torch.int64)
+
+
+def held_out_stream(sources: list[str] | tuple[str, ...], tok: Tokenizer, val_fraction: float) -> torch.Tensor:
+    """The token stream of the held-out documents of `sources` under `val_fraction`, as training splits it."""
+    return tokenize_documents(split_documents(read_documents(sources), val_fraction)[1], tok)
 
 
 def fingerprint(tokens: torch.Tensor) -> str:
@@ -119,6 +144,17 @@ class PackedData:
     val: torch.Tensor  # [N_val] int64
     seq_len: int
     seed: int
+
+    @classmethod
+    def from_streams(cls, train: torch.Tensor, val: torch.Tensor, seq_len: int, seed: int) -> "PackedData":
+        """Training and held-out streams (see split_documents), checked to hold at least the windows needed."""
+        if len(val) < seq_len + 1:
+            raise ValueError(f"the held-out documents have {len(val)} tokens, fewer than one window of "
+                             f"seq_len {seq_len} + 1; raise --val-fraction or lower --seq-len")
+        if len(train) < 2 * (seq_len + 1):
+            raise ValueError(f"the training documents have {len(train)} tokens: too few for seq_len {seq_len}; "
+                             f"add text or lower --seq-len")
+        return cls(train, val, seq_len, seed)
 
     @classmethod
     def split(cls, tokens: torch.Tensor, seq_len: int, val_fraction: float, seed: int) -> "PackedData":
@@ -154,10 +190,16 @@ class PackedData:
         w = torch.stack(rows)
         return w[:, :-1], w[:, 1:]
 
-    def val_batches(self, batch_size: int, max_tokens: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """The first windows of the validation stream (the same ones every time), up to `max_tokens`."""
-        n = min((len(self.val) - 1) // self.seq_len, max(1, max_tokens // self.seq_len))
-        rows = [self._window(self.val, j) for j in range(n)]
+    @property
+    def num_val_windows(self) -> int:
+        return (len(self.val) - 1) // self.seq_len
+
+    def val_batches(self, batch_size: int, max_tokens: int, first_window: int = 0
+                    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Windows of the validation stream from `first_window` on (the same ones every time), up to
+        `max_tokens` tokens; empty when the stream has no window past `first_window`."""
+        n = max(0, min(self.num_val_windows - first_window, max(1, max_tokens // self.seq_len)))
+        rows = [self._window(self.val, first_window + j) for j in range(n)]
         out = []
         for i in range(0, n, batch_size):
             w = torch.stack(rows[i:i + batch_size])
@@ -165,10 +207,11 @@ class PackedData:
         return out
 
 
-def unigram_loss(data: PackedData, vocab_size: int) -> float:
-    """Cross-entropy (nats/token) of the validation targets under the training unigram distribution
-    (add-one smoothed): the loss of a model that learned token frequencies and nothing else."""
+def unigram_loss(data: PackedData, vocab_size: int, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    """Cross-entropy (nats/token) of the targets of `batches` (the very tokens a model's loss is measured
+    on) under the training unigram distribution, add-one smoothed: the loss of a model that learned token
+    frequencies and nothing else."""
     counts = torch.bincount(data.train, minlength=vocab_size).double() + 1.0
     logp = (counts / counts.sum()).log()
-    targets = data.val[1:]
+    targets = torch.cat([y.flatten() for _, y in batches])
     return float(-logp[targets].mean())

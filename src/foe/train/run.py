@@ -32,9 +32,10 @@ from foe.model.checkpoint import atomic_write, load_config
 from foe.model.transformer import Transformer
 from foe.tokenizer import TOKENIZER_FILE, check_vocab_fits, load_tokenizer, train_bpe
 from foe.train.checkpointing import (has_checkpoint, load_training_state, read_trainer_state,
-                                     resolve_checkpoint, save_training_checkpoint)
+                                     remove_partial_checkpoints, resolve_checkpoint, save_training_checkpoint)
 from foe.train.config import TrainConfig
-from foe.train.data import PackedData, fingerprint, read_documents, tokenize_documents, unigram_loss
+from foe.train.data import (SPLIT_SCHEME, PackedData, fingerprint, read_documents, split_documents,
+                            tokenize_documents, unigram_loss)
 from foe.train.distributed import barrier, init_from_env
 from foe.train.trainer import Trainer, load_balance
 
@@ -125,22 +126,29 @@ def run_training(tcfg: TrainConfig, mcfg: ModelConfig, resume: bool = False) -> 
                                  load_config(ckpt), mcfg, state["step"])
     if tcfg.seq_len > mcfg.max_seq_len:
         raise ValueError(f"seq_len {tcfg.seq_len} exceeds the model's max_seq_len {mcfg.max_seq_len}")
-    docs = read_documents(tcfg.data)
-    tok = load_tokenizer(ckpt) if ckpt else _tokenizer(run, docs, mcfg.vocab_size, rank, world)
+    if rank == 0:  # a write killed mid-way (any earlier attempt) left its temporary directory behind
+        remove_partial_checkpoints(run)
+    if state is not None and state.get("split_scheme") != SPLIT_SCHEME:
+        raise ValueError(f"{ckpt} was written by an older foe that held out the last tokens rather than whole "
+                         f"documents (and trained its tokenizer on the held-out text too); it cannot be resumed "
+                         f"with the current split. Start a new run, or use this checkpoint as it is")
+    train_docs, val_docs = split_documents(read_documents(tcfg.data), tcfg.val_fraction)
+    # The tokenizer learns from the training documents only: held-out text must be new to every part of the run.
+    tok = load_tokenizer(ckpt) if ckpt else _tokenizer(run, train_docs, mcfg.vocab_size, rank, world)
     check_vocab_fits(tok, mcfg.vocab_size, "the trained tokenizer" if ckpt is None else str(ckpt / TOKENIZER_FILE))
-    tokens = tokenize_documents(docs, tok)
-    data_fp = fingerprint(tokens)
+    data = PackedData.from_streams(tokenize_documents(train_docs, tok), tokenize_documents(val_docs, tok),
+                                   tcfg.seq_len, tcfg.seed)
+    data_fp = fingerprint(torch.cat([data.train, data.val]))
     if state is not None and state["data_fingerprint"] != data_fp:
         raise ValueError(f"the training data changed since {ckpt} was written (fingerprint {data_fp} vs "
                          f"{state['data_fingerprint']}); resume needs the same data files")
-    data = PackedData.split(tokens, tcfg.seq_len, tcfg.val_fraction, tcfg.seed)
 
     torch.manual_seed(tcfg.seed)
     model = Transformer(mcfg).to(tcfg.device)
     trainer = Trainer(model, tcfg, data, rank, world)
     start = load_training_state(ckpt, model, trainer.opt)["step"] if ckpt else 0
     log = JsonlLog(run / LOG_FILE, rank == 0)
-    unigram = unigram_loss(data, mcfg.vocab_size)
+    unigram = unigram_loss(data, mcfg.vocab_size, trainer.val_batches())
     if start == 0:
         log.truncate_after(-1)
         log.write({"kind": "meta", "step": 0, "arch": mcfg.arch, "params": model.num_params(),
@@ -194,7 +202,8 @@ def run_training(tcfg: TrainConfig, mcfg: ModelConfig, resume: bool = False) -> 
             if rank == 0:
                 save_training_checkpoint(run, done, model, trainer.opt, tok, {
                     "samples_consumed": done * trainer.samples_per_step, "world": world,
-                    "data_fingerprint": data_fp, "train_config": tcfg.to_dict()}, keep=tcfg.keep_ckpts)
+                    "data_fingerprint": data_fp, "split_scheme": SPLIT_SCHEME,
+                    "train_config": tcfg.to_dict()}, keep=tcfg.keep_ckpts)
             barrier(world)
         bar.update(1)
     bar.close()

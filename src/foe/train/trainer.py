@@ -41,8 +41,9 @@ class StepStats:
 
 
 def load_balance(counts_LE: torch.Tensor, num_groups: int) -> dict[str, float]:
-    """Expert load per routing domain: max/mean (1.0 = perfect) and coefficient of variation, averaged
-    over layers and domains (MoE: one domain of E experts; FoE: G domains of E/G experts)."""
+    """Expert load per routing domain of E/num_groups experts: max/mean (1.0 = perfect) and coefficient of
+    variation, averaged over layers and domains (MoE: one domain of E experts; FoE: G domains of E/G).
+    Scoring a MoE with FoE's num_groups asks how even its load is within the expert sets FoE's groups own."""
     c = counts_LE.double().reshape(counts_LE.shape[0], num_groups, -1)
     mean = c.mean(-1).clamp_min(1e-9)
     return {"load_max_over_mean": float((c.amax(-1) / mean).mean()),
@@ -115,10 +116,13 @@ class Trainer:
         loss, ce, aux, z = mean.tolist()
         return StepStats(loss, ce, aux, z, lr, grad_norm, counts, time.perf_counter() - t0)
 
+    def val_batches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The fixed validation windows of the periodic evaluation: the first `val_tokens` held-out tokens."""
+        return self.data.val_batches(self.cfg.micro_batch, self.cfg.val_tokens)
+
     def validation_loss(self) -> float:
         """Mean cross-entropy (nats/token) over the fixed validation windows."""
-        return mean_cross_entropy(self.model, self.data.val_batches(self.cfg.micro_batch, self.cfg.val_tokens),
-                                  self.cfg.bf16)
+        return mean_cross_entropy(self.model, self.val_batches(), self.cfg.bf16)
 
 
 @torch.no_grad()
