@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from foe.cli.common import (GIVEN, add_model_args, at_least, check_output, config_from_args, float_in,
-                            model_from_args, remember_given, tokenizer_from_args)
+                            model_from_args, number_list, remember_given, tokenizer_from_args)
 
 TASK_HELP = ("multiple-choice task, repeatable: NAME (built-in smoke-test set) or NAME=PATH (jsonl in the HF "
              "dataset's schema); names: arc_easy boolq copa hellaswag piqa sciq, or 'all' (default)")
@@ -37,16 +37,19 @@ examples:
 """
 COMPARE_EXAMPLES = """\
 examples:
-  foe compare-quality --preset tiny --steps 20 --seq-len 64 --micro-batch 4 --eval-every 10 --task copa \\
-      --out /tmp/cq-tiny                                       a quick smoke run (the default, mini, takes minutes)
-  foe compare-quality --preset tiny --steps 30 --seq-len 64 --micro-batch 4 --eval-every 10 --task copa \\
-      --out /tmp/cq-tiny --resume                              continue both runs above to 30 steps
+  foe compare-quality                                          the study: mini, 3 seeds, 3 coefficients (~45 min)
+  foe compare-quality --quick --out /tmp/cq-quick              every part in about a minute (preset tiny)
+  foe compare-quality --quick --out /tmp/cq-quick --resume     continue an interrupted study; finished runs are reused
+  foe compare-quality --seeds 5 --aux-coefs 0.003,0.01,0.03 --out runs/cq5   more seeds, another grid
 """
 
 
-def _add_train_args(p: argparse.ArgumentParser, steps: int, eval_every: int, out: str | None = None) -> None:
+def _add_train_args(p: argparse.ArgumentParser, steps: int, eval_every: int, out: str | None = None,
+                    val_fraction: float | None = None, aux_coef: bool = True) -> None:
     from foe.train.config import TrainConfig
     d = TrainConfig(out_dir="")
+    if val_fraction is not None:
+        d = d.replace(val_fraction=val_fraction)
     g = p.add_argument_group("data")
     g.add_argument("--data", action="append", metavar="SRC",
                    help="'builtin' (public-domain English shipped with foe) or a .txt/.jsonl file; repeatable "
@@ -64,7 +67,8 @@ def _add_train_args(p: argparse.ArgumentParser, steps: int, eval_every: int, out
     g.add_argument("--warmup", type=at_least(0), default=d.warmup, help="warmup steps")
     g.add_argument("--weight-decay", type=NONNEG, default=d.weight_decay)
     g.add_argument("--grad-clip", type=NONNEG, default=d.grad_clip, help="max grad norm (0 = off)")
-    g.add_argument("--aux-coef", type=NONNEG, default=d.aux_coef, help="load-balancing loss weight")
+    if aux_coef:
+        g.add_argument("--aux-coef", type=NONNEG, default=d.aux_coef, help="load-balancing loss weight")
     g.add_argument("--z-coef", type=NONNEG, default=d.z_coef, help="router z-loss weight (0 = off)")
     g.add_argument("--bf16", action="store_true", help="bf16 autocast (fp32 weights and optimizer)")
     g.add_argument("--device", default=d.device)
@@ -110,17 +114,38 @@ def register(commands: argparse._SubParsersAction, bench: argparse._SubParsersAc
     p.add_argument("--json", metavar="PATH", help="also write the results here")
     p.set_defaults(func=evaluate)
 
-    p = commands.add_parser("compare-quality", help="train MoE and FoE alike and compare their quality",
-                            description="Train a MoE and an FoE of one preset on the same data, seed and token "
-                                        "budget; print and write (JSON, PNG) loss curves, perplexity, unigram "
-                                        "baseline, multiple-choice accuracy and load balance.",
+    p = commands.add_parser("compare-quality", help="multi-seed, fairly tuned quality study of MoE against FoE",
+                            description="Train MoE and FoE of one preset over several seeds (paired: same data "
+                                        "order per seed), each at its own best load-balancing coefficient from a "
+                                        "sweep; report test loss with standard errors, paired differences with a "
+                                        "95% interval, expert load on held-out text, multiple choice, a plot, "
+                                        "and whether FoE is within --margin of MoE. The default takes about "
+                                        "45 minutes on 2 CPU cores; --quick takes about a minute.",
                             epilog=COMPARE_EXAMPLES, formatter_class=raw)
+    remember_given(p)  # --quick fills in only what was not typed
     p.add_argument("--preset", default="mini", help="size preset (default mini)")
     p.add_argument("--sync", choices=("attention", "moe", "both"), default="attention")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=at_least(2), default=3, help="seeds per architecture (default 3)")
+    p.add_argument("--seed", type=int, default=0, help="first seed; the study uses SEED .. SEED+SEEDS-1")
+    p.add_argument("--aux-coefs", type=number_list(float, "coefficients"), default=(0.001, 0.01, 0.1),
+                   help="load-balancing coefficients swept per architecture on the first seed "
+                        "(default 0.001,0.01,0.1)")
+    p.add_argument("--margin", type=FRACTION, default=0.03,
+                   help="FoE is 'comparable' if the 95%% interval of (FoE - MoE) / MoE test loss stays below it "
+                        "(default 0.03)")
+    p.add_argument("--test-tokens", type=at_least(1), help="cap on the test tokens per run (default: all "
+                   "held-out tokens past the first --val-tokens)")
+    p.add_argument("--quick", action="store_true",
+                   help="a small study for smoke tests: preset tiny, 2 seeds, 2 coefficients, 40 short steps, "
+                        "task copa (options you type still win)")
     p.add_argument("--task", action="append", metavar="NAME[=PATH]", help=TASK_HELP)
-    _add_train_args(p, steps=600, eval_every=50, out="runs/compare-quality")
+    _add_train_args(p, steps=400, eval_every=50, out="runs/compare-quality", val_fraction=0.08, aux_coef=False)
     p.set_defaults(func=compare)
+
+
+# What --quick sets, unless typed: a study of about a minute that exercises every part.
+QUICK = dict(preset="tiny", seeds=2, aux_coefs=(0.01, 0.1), steps=40, seq_len=64, micro_batch=4, warmup=4,
+             eval_every=10, val_tokens=1024, test_tokens=8192, task=["copa"], log_every=10, ckpt_every=40)
 
 
 def _train_config(args: argparse.Namespace, out: str):
@@ -128,7 +153,8 @@ def _train_config(args: argparse.Namespace, out: str):
     return TrainConfig(
         out_dir=out, data=tuple(args.data or ["builtin"]), seq_len=args.seq_len, micro_batch=args.micro_batch,
         grad_accum=args.grad_accum, steps=args.steps, lr=args.lr, min_lr_ratio=args.min_lr_ratio,
-        warmup=args.warmup, weight_decay=args.weight_decay, grad_clip=args.grad_clip, aux_coef=args.aux_coef,
+        warmup=args.warmup, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
+        aux_coef=getattr(args, "aux_coef", TrainConfig.aux_coef),
         z_coef=args.z_coef, bf16=args.bf16, device=args.device, seed=args.seed, val_fraction=args.val_fraction,
         val_tokens=args.val_tokens, eval_every=args.eval_every, log_every=args.log_every,
         ckpt_every=args.ckpt_every, keep_ckpts=args.keep_ckpts, progress=not args.no_progress)
@@ -223,10 +249,18 @@ def _training_record(checkpoint: str | None) -> dict | None:
 
 
 def compare(args: argparse.Namespace) -> int:
-    from foe.eval.compare import compare_quality, format_report
     from foe.eval.harness import parse_task_specs
-    tasks = parse_task_specs(args.task)
-    report = compare_quality(args.preset, _train_config(args, args.out), tasks, sync=args.sync, resume=args.resume)
-    print(format_report(report))
+    from foe.eval.quality_report import format_study
+    from foe.eval.quality_study import StudyConfig, compare_quality
+    if args.quick:
+        for k, v in QUICK.items():
+            if k not in getattr(args, GIVEN):
+                setattr(args, k, v)
+    study = StudyConfig(preset=args.preset, train=_train_config(args, args.out),
+                        seeds=tuple(range(args.seed, args.seed + args.seeds)), aux_coefs=tuple(args.aux_coefs),
+                        margin=args.margin, sync=args.sync, test_tokens=args.test_tokens or 1 << 30,
+                        tasks=parse_task_specs(args.task))
+    report = compare_quality(study, resume=args.resume)
+    print(format_study(report))
     print(f"\nwrote {args.out}/compare_quality.json and {report['plot']}")
     return 0
