@@ -93,6 +93,16 @@ def test_data_parallel_two_gloo_ranks_equal_one_process(tmp_path, aux_coef: floa
     for k in sorted(k for k in dp if k.startswith("grad.")):
         torch.testing.assert_close(dp[k], ref[k], rtol=1e-5, atol=1e-8, msg=k)
     assert float(ref["grad.embed.weight"].abs().max()) > 0
+    if aux_coef:
+        # ... and not one micro-batch of 8: the balance loss of 8 sequences is not the mean of two of 4, so
+        # the router's gradient differs (the docs' data-parallel statement depends on this definition).
+        torch.set_num_threads(1)
+        try:
+            whole = _save_run(_trainer("foe", _data(4000), **dict(kw, micro_batch=8)), None)
+        finally:
+            torch.set_num_threads(threads)
+        key = "grad.layers.0.ffn.router.weight"
+        assert (dp[key] - whole[key]).abs().max() > 1e-3 * whole[key].abs().max(), "balance loss not per micro-batch?"
     if aux_coef:  # identical micro-batches: the whole run agrees, weights after AdamW included
         for k in sorted(k for k in dp if k.startswith("weight.")):
             torch.testing.assert_close(dp[k], ref[k], rtol=1e-6, atol=1e-7, msg=k)

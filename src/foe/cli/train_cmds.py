@@ -31,9 +31,9 @@ examples:
 """
 EVAL_EXAMPLES = """\
 examples:
-  foe eval --checkpoint runs/cq-default/foe                    a run directory: its latest checkpoint
+  foe eval --checkpoint runs/compare-quality/foe/aux0.01/seed0   a run directory: its latest checkpoint
   foe eval --preset tiny --task copa --val-tokens 4096 --json /tmp/eval.json
-  foe eval --checkpoint runs/cq-default/moe/step_00000500 --no-ppl --task boolq --task piqa
+  foe eval --checkpoint runs/compare-quality/moe/aux0.01/seed0/step_00000400 --no-ppl --task boolq --task piqa
 """
 COMPARE_EXAMPLES = """\
 examples:
