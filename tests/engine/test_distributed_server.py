@@ -1,8 +1,10 @@
 """`foe serve --nproc 2` (2 gloo ranks: gp for FoE, ep and tp for MoE) over HTTP gives the same greedy text as
-the single-process model; a worker rank that dies makes the server answer 503 and exit."""
+the single-process model; a worker rank that dies makes the server answer 503 and exit; SIGTERM drains the
+requests in flight, then stops every rank cleanly."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -24,9 +26,10 @@ PROMPTS = ["Hello", "The federation of experts", "a", "Once upon a time there wa
 MAX_TOKENS = [8, 5, 12, 3, 7]
 
 
-def start_server(ckpt: Path, strategy: str, log: Path) -> tuple[subprocess.Popen, str]:
+def start_server(log: Path, *model: str, strategy: str = "gp") -> tuple[subprocess.Popen, str]:
+    """`foe serve` on 2 ranks; model: the model arguments (--checkpoint DIR, or --preset and --arch)."""
     port = free_port()
-    cmd = [sys.executable, "-m", "foe.cli.main", "serve", "--checkpoint", str(ckpt), "--strategy", strategy,
+    cmd = [sys.executable, "-m", "foe.cli.main", "serve", *model, "--strategy", strategy,
            "--nproc", "2", "--port", str(port), "--num-blocks", "64", "--block-size", "4",
            "--max-num-batched-tokens", "16"]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src")}
@@ -69,7 +72,7 @@ def test_two_rank_server_matches_single_process_and_dies_cleanly(tmp_path: Path,
     tok = byte_level_tokenizer()
     want = [tok.decode(generate(model, [list(p.encode())], n, stop_token_ids=(256,))[0])
             for p, n in zip(PROMPTS, MAX_TOKENS)]
-    proc, url = start_server(ckpt, strategy, tmp_path / "server.log")
+    proc, url = start_server(tmp_path / "server.log", "--checkpoint", str(ckpt), strategy=strategy)
     try:
         def complete(i: int) -> str:
             r = httpx.post(url + "/v1/completions", timeout=60,
@@ -116,7 +119,7 @@ def _alive(pid: int) -> bool:
 def test_workers_exit_when_the_server_is_killed(tmp_path: Path) -> None:
     ckpt = tmp_path / "ckpt"
     save_checkpoint(build(tiny("foe")), ckpt)
-    proc, _ = start_server(ckpt, "gp", tmp_path / "server.log")
+    proc, _ = start_server(tmp_path / "server.log", "--checkpoint", str(ckpt))
     (worker,) = children(proc.pid)
     try:
         os.kill(proc.pid, signal.SIGKILL)  # no clean-up code runs in the server
@@ -128,3 +131,35 @@ def test_workers_exit_when_the_server_is_killed(tmp_path: Path) -> None:
     finally:
         if _alive(worker):
             os.kill(worker, signal.SIGKILL)
+
+
+def test_sigterm_drains_then_stops_every_rank_cleanly(tmp_path: Path) -> None:
+    log = tmp_path / "server.log"
+    proc, url = start_server(log, "--preset", "tiny", "--arch", "foe")
+    (worker,) = children(proc.pid)
+    try:
+        body = {"prompt": "Hi", "max_tokens": 240, "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
+            lines = r.iter_lines()
+            next(line for line in lines if line.startswith("data:"))
+            os.killpg(proc.pid, signal.SIGTERM)  # every rank, as systemd or Ctrl-C (SIGINT) signal them
+            deadline = time.monotonic() + 10
+            while httpx.get(url + "/health", timeout=5).status_code != 503:
+                assert time.monotonic() < deadline, "no 503 after SIGTERM"
+                time.sleep(0.05)
+            refused = httpx.post(url + "/v1/completions", json={"prompt": "a", "max_tokens": 1}, timeout=5)
+            assert proc.poll() is None  # still serving the request in flight
+            rest = list(lines)
+        assert refused.status_code == 503 and refused.json()["error"]["type"] == "server_error"
+        events = [json.loads(line[5:]) for line in rest if line.startswith("data: {")]
+        assert events[-1]["choices"][0]["finish_reason"] == "length" and "data: [DONE]" in rest
+        assert proc.wait(timeout=30) == 0
+        text = log.read_text()
+        assert "Traceback" not in text and "Connection closed" not in text, text
+        deadline = time.monotonic() + 5
+        while _alive(worker) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _alive(worker)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)

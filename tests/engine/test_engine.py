@@ -1,6 +1,6 @@
 """The engine against the bare model: greedy outputs equal one-at-a-time `foe.generate.generate` for
 staggered requests of many lengths (also under preemption and prefix caching); prompt logprobs equal a
-full forward's log-softmax; stop conditions; seeded sampling."""
+full forward's log-softmax; stop conditions; seeded sampling; n samples of a prompt sharing its blocks."""
 
 from __future__ import annotations
 
@@ -149,6 +149,29 @@ def test_seeded_sampling_is_reproducible_and_matches_generate() -> None:
     assert outs == [generate(model, [p], 8, params)[0] for p in prompts]
     other = engine.generate(prompts[:1], RequestParams(SamplingParams(temperature=0.8, seed=12), max_tokens=8))
     assert other[0] != outs[0]
+
+
+@pytest.mark.parametrize("blocks,prefix_caching", [(64, False), (64, True), (12, False)])
+def test_samples_share_the_prompt_and_equal_separate_requests(blocks: int, prefix_caching: bool) -> None:
+    model = build(tiny("foe"))
+    prompt = random_prompts(1, seed=4, lo=21, hi=21)[0]
+    max_tokens = 6 if blocks == 64 else 20  # 12 blocks: not enough for 3 samples of 41 tokens
+    params = RequestParams(SamplingParams(temperature=1.0, seed=5), max_tokens=max_tokens, ignore_eos=True)
+    cfg = SchedulerConfig(num_blocks=blocks, block_size=4, enable_prefix_caching=prefix_caching)
+    engine = LLMEngine.from_model(model, cfg)
+    fed: list[int] = []
+    execute = engine.executor.execute
+    engine.executor.execute = lambda plan: fed.append(plan.num_tokens) or execute(plan)
+    seqs = engine.add_samples(prompt, params, 3)
+    while engine.has_unfinished:
+        engine.step()
+    separate = [LLMEngine.from_model(model, cfg).generate([prompt], params.for_sample(i))[0] for i in range(3)]
+    assert [s.output_ids for s in seqs] == separate and len({tuple(x) for x in separate}) == 3
+    if blocks == 12:
+        assert engine.scheduler.num_preemptions > 0
+    else:  # the prompt (5 full blocks + 1 token) ran once; the other samples computed only its last token
+        assert sum(fed) == 21 + 2 * 1 + 3 * (max_tokens - 1)  # then decodes (the last token is not fed)
+    assert engine.scheduler.blocks[0].num_free == blocks
 
 
 def test_bad_requests_are_refused() -> None:

@@ -1,5 +1,5 @@
 """The scheduler on fake requests (no model): budgets, chunked prefill, preemption and resume, shard
-balancing, prefix sharing, and that every block comes back."""
+balancing, prefix sharing, forked samples, and that every block comes back."""
 
 from __future__ import annotations
 
@@ -132,6 +132,27 @@ def test_prefix_caching_shares_full_blocks_and_releases_them() -> None:
     while s.has_work:
         run_step(s)
     assert s.blocks[0].num_free == 10
+
+
+def test_samples_wait_for_the_first_then_share_its_blocks_on_its_shard() -> None:
+    s = Scheduler(SchedulerConfig(dp_size=2, num_blocks=20, block_size=4))
+    s.add(seq(9, 3))  # shard 0 busy: the first sample goes to shard 1
+    run_step(s)
+    first = seq(0, 10)
+    samples = [Sequence(i, list(first.prompt_ids), first.params) for i in (1, 2, 3)]
+    s.add(first)
+    for q in samples:
+        s.add(q, share_from=first)
+    s.finish(samples[2], "abort")  # gone before the fork: takes no block
+    assert set(run_step(s)) == {9, 0}  # the samples wait for the first one's prompt
+    a, b = samples[:2]
+    assert a.block_ids == b.block_ids == first.block_ids[:2] and a.num_computed == 8  # 2 full blocks shared
+    assert a.dp_rank == first.dp_rank == 1 and s.blocks[1].ref_count[first.block_ids[0]] == 3
+    s.finish(b, "abort")  # gone after the fork, before running: returns its share
+    assert run_step(s)[1] == (8, 2, 1)  # a computes the last partial block only
+    while s.has_work:
+        run_step(s)
+    assert [bm.num_free for bm in s.blocks] == [20, 20] and samples[2].block_ids == []
 
 
 def test_block_manager_rejects_bad_sizes() -> None:

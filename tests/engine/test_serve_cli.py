@@ -1,5 +1,6 @@
 """`foe serve` refuses impossible launches with a clear message before starting anything (no model is
-built, no banner printed), and prints its banner only once it is serving (with the real port for --port 0)."""
+built, no banner printed), prints its banner only once it is serving (with the real port for --port 0),
+and stops cleanly (exit code 0) on SIGTERM or SIGINT."""
 
 from __future__ import annotations
 
@@ -9,6 +10,10 @@ import signal
 import socket
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -75,19 +80,43 @@ def test_port_in_use_fails_before_the_model_loads(capsys, no_model) -> None:
     assert f"cannot listen on 127.0.0.1:{port}" in out.err and "http://" not in out.out
 
 
-def test_port_0_prints_the_bound_port_once_serving() -> None:
+@contextmanager
+def serve(*args: str) -> Iterator[tuple[subprocess.Popen, str]]:
+    """`foe serve --preset tiny --port 0 ARGS` in a subprocess: (process, url) once its banner is out."""
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src")}
-    proc = subprocess.Popen([sys.executable, "-m", "foe.cli.main", "serve", "--preset", "tiny", "--port", "0",
-                             "--num-blocks", "16", "--block-size", "4"], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, env=env, text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "foe.cli.main", "serve", "--preset", "tiny", "--port", "0", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
     try:
         line = proc.stdout.readline()  # the banner comes only once uvicorn listens: no retry loop needed
         m = re.search(r"on http://127\.0\.0\.1:(\d+)\s", line)
         assert m and int(m.group(1)) != 0, line
-        assert httpx.get(f"http://127.0.0.1:{m.group(1)}/health", timeout=10).json() == {"status": "ok"}
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=30) in (0, 130)  # 130: uvicorn re-raises the SIGINT after a clean shutdown
+        yield proc, f"http://127.0.0.1:{m.group(1)}"
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_port_0_prints_the_bound_port_once_serving_and_a_signal_stops_it(sig: signal.Signals) -> None:
+    with serve("--num-blocks", "16", "--block-size", "4") as (proc, url):
+        assert httpx.get(url + "/health", timeout=10).json() == {"status": "ok"}
+        proc.send_signal(sig)
+        assert proc.wait(timeout=30) == 0  # not -15 or 130: uvicorn would re-raise the signal
+        assert "Traceback" not in proc.stdout.read()
+
+
+def test_after_the_drain_timeout_requests_in_flight_are_aborted_not_cut_off() -> None:
+    with serve("--drain-timeout", "0.5") as (proc, url), ThreadPoolExecutor(1) as pool:
+        body = {"prompt": "Hi", "max_tokens": 250, "n": 16, "ignore_eos": True}  # 4000 tokens: over 0.5 s
+        pending = pool.submit(httpx.post, url + "/v1/completions", json=body, timeout=60)
+        deadline = time.monotonic() + 10
+        while "foe_num_requests_running 16" not in httpx.get(url + "/metrics", timeout=5).text:
+            assert time.monotonic() < deadline and not pending.done()
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        r = pending.result()
+        assert r.status_code == 200 and {c["finish_reason"] for c in r.json()["choices"]} == {"abort"}
+        assert proc.wait(timeout=30) == 0
+        out = proc.stdout.read()
+        assert "aborting 1 request(s) in flight" in out and "Traceback" not in out, out

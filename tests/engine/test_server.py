@@ -1,16 +1,21 @@
 """The HTTP server over real sockets with the official `openai` client: completions (streaming and not),
-echo + logprobs against the model's own log-softmax, OpenAI-style errors, disconnects, metrics, chat."""
+echo + logprobs against the model's own log-softmax, n samples, OpenAI-style errors (internal ones too),
+disconnects (streaming or not), metrics, chat."""
 
 from __future__ import annotations
 
 import json
+import re
+import socket
 import time
+from collections import defaultdict
 
 import httpx
 import openai
 import pytest
 import torch
 
+import foe.engine.server
 from foe.engine.engine import LLMEngine
 from foe.engine.launch import ServerHandle
 from foe.engine.request import RequestParams
@@ -113,7 +118,8 @@ def post(server, body: bytes | str | dict, path: str = "/v1/completions") -> htt
     ({"prompt": "a", "top_k": -2}, 400, "top_k"),
     ({"prompt": "a", "max_tokens": -1}, 400, "max_tokens"),
     ({"prompt": "a", "logprobs": 50}, 400, "logprobs"),
-    ({"prompt": "a", "n": 2}, 400, "n"),
+    ({"prompt": "a", "n": 0}, 400, "n"),
+    ({"prompt": "a", "n": 129}, 400, "n"),
     ({"prompt": "a", "stop": [""]}, 400, "stop"),
     ({"prompt": ""}, 400, "prompt"),
     ({"prompt": [1, 5000]}, 400, "prompt"),
@@ -135,8 +141,43 @@ def test_bad_input_gets_openai_error(server, body, status: int, param: str | Non
     assert err["param"] == param
 
 
+@pytest.mark.parametrize("body,status,param,message", [
+    ('{"prompt": "a\\ud800b"}', 400, "prompt", "lone surrogate (U+D800)"),  # JSON allows it; Unicode does not
+    ('{"prompt": ["ok", "\\udfff"]}', 400, "prompt", "lone surrogate (U+DFFF)"),
+    ('{"prompt": "a", "model": "\\ud800"}', 404, "model", "does not exist"),  # the message quotes it
+    ('{"prompt": "a", "temperature": NaN}', 400, "temperature", "finite number"),
+    ('{"prompt": "a", "top_p": Infinity}', 400, "top_p", "finite number"),
+    ('{"prompt": "a", "presence_penalty": -Infinity}', 400, "presence_penalty", "finite number"),
+    ({"prompt": "a", "response_format": {"type": "json_object"}}, 400, "response_format", "not supported"),
+])
+def test_bad_text_numbers_and_unsupported_fields_are_explained(server, body, status: int, param: str,
+                                                               message: str) -> None:
+    r = post(server, body)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and message in err["message"], err
+
+
+def test_an_unexpected_error_is_a_500_in_openai_shape(server, monkeypatch) -> None:
+    def boom(*_a, **_k):
+        raise RuntimeError("boom")
+    monkeypatch.setattr(foe.engine.server, "usage", boom)
+    r = post(server, {"prompt": "a", "max_tokens": 2})
+    assert r.status_code == 500 and r.json() == {"error": {"message": "internal server error: RuntimeError: boom",
+                                                           "type": "server_error", "param": None, "code": None}}
+    # streaming: the headers are out, so the error comes in-band (as OpenAI sends it), not a cut connection
+    monkeypatch.setattr(foe.engine.server, "logprobs_block", boom)
+    with httpx.stream("POST", server.url + "/v1/completions", timeout=30,
+                      json={"prompt": "a", "max_tokens": 2, "logprobs": 1, "stream": True}) as r:
+        lines = [line for line in r.iter_lines() if line.startswith("data:")]
+    assert r.status_code == 200 and json.loads(lines[-1][5:])["error"]["type"] == "server_error"
+    monkeypatch.undo()
+    assert post(server, {"prompt": "a", "max_tokens": 2}).status_code == 200
+
+
 @pytest.mark.parametrize("extra", [{"logit_bias": {}}, {"logit_bias": None}, {"seed": (1 << 63) - 1},
-                                   {"seed": -(1 << 63)}])
+                                   {"seed": -(1 << 63)}, {"response_format": {"type": "text"}},
+                                   {"response_format": None}])
 def test_harmless_values_are_accepted(server, extra: dict) -> None:
     r = post(server, {"prompt": "a", "max_tokens": 2, **extra})
     assert r.status_code == 200, r.text
@@ -166,6 +207,78 @@ def test_disconnect_mid_stream_frees_blocks(server) -> None:
         time.sleep(0.05)
     assert not sched.running and sched.blocks[0].num_free == sched.blocks[0].num_blocks
     assert 'request_success_total{finished_reason="abort"}' in httpx.get(server.url + "/metrics").text
+
+
+def finished(server, reason: str) -> int:
+    """The metrics' count of requests finished for `reason`."""
+    text = httpx.get(server.url + "/metrics").text
+    m = re.search(rf'request_success_total{{finished_reason="{reason}"}} (\d+)', text)
+    return int(m.group(1)) if m else 0
+
+
+def wait_until(cond, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("path,body", [("/v1/completions", {"prompt": "Hello"}),
+                                       ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}]})])
+def test_disconnect_aborts_a_non_streaming_request(server, monkeypatch, path: str, body: dict) -> None:
+    sched, executor = server.engine.scheduler, server.engine.executor
+    execute = executor.execute
+
+    def slow(plan):  # 200 steps take over 2 s: the client leaves long before the end
+        time.sleep(0.01)
+        return execute(plan)
+    monkeypatch.setattr(executor, "execute", slow)
+    aborted, length = finished(server, "abort"), finished(server, "length")
+    payload = json.dumps({**body, "max_tokens": 200, "ignore_eos": True}).encode()
+    head = (f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(payload)}\r\n\r\n")
+    with socket.create_connection(("127.0.0.1", server.http.port)) as sock:
+        sock.sendall(head.encode() + payload)
+        wait_until(lambda: sched.running)
+    wait_until(lambda: not sched.running)
+    assert sched.blocks[0].num_free == sched.blocks[0].num_blocks
+    assert (finished(server, "abort"), finished(server, "length")) == (aborted + 1, length)
+
+
+def test_top_logprobs_keep_the_best_of_tokens_with_the_same_text(client) -> None:
+    """Byte-level tokens >= 0x80 all read U+FFFD alone: each text keeps its best logprob, so the greedy
+    token's logprob is the maximum of top_logprobs (lm-eval's is_greedy)."""
+    r = client.completions.create(model="tiny-foe", prompt="Once upon a time", max_tokens=12, temperature=0,
+                                  logprobs=20, extra_body={"ignore_eos": True})
+    lp = r.choices[0].logprobs
+    assert any(len(top) < 20 for top in lp.top_logprobs)  # texts did collide
+    for token, chosen, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+        assert top[token] == chosen == max(top.values())
+
+
+def test_n_samples_of_one_prompt(client) -> None:
+    kw = dict(model="tiny-foe", prompt="Once upon a time", max_tokens=8, extra_body={"ignore_eos": True})
+    greedy = client.completions.create(**kw, n=3, temperature=0)
+    one = client.completions.create(**kw, temperature=0).choices[0].text
+    assert [c.index for c in greedy.choices] == [0, 1, 2] and [c.text for c in greedy.choices] == [one] * 3
+    assert (greedy.usage.prompt_tokens, greedy.usage.completion_tokens) == (16, 24)  # the prompt counts once
+    # sampled: sample i is the request seeded with seed + i (as in vLLM)
+    sampled = client.completions.create(**kw, n=3, temperature=1, seed=5)
+    alone = [client.completions.create(**kw, temperature=1, seed=5 + i).choices[0].text for i in range(3)]
+    assert [c.text for c in sampled.choices] == alone and len(set(alone)) == 3
+    texts, reasons = defaultdict(str), {}
+    chunks = list(client.completions.create(**kw, n=3, temperature=1, seed=5, stream=True,
+                                            stream_options={"include_usage": True}))
+    for c in (c for chunk in chunks for c in chunk.choices):
+        texts[c.index] += c.text
+        if c.finish_reason:
+            reasons[c.index] = c.finish_reason
+    assert [texts[i] for i in range(3)] == alone and reasons == {0: "length", 1: "length", 2: "length"}
+    assert chunks[-1].usage.model_dump() == sampled.usage.model_dump()
+    # several prompts: n choices each, prompt by prompt
+    r = client.completions.create(model="tiny-foe", prompt=["ab", "cd"], n=2, max_tokens=3, temperature=0)
+    assert [c.index for c in r.choices] == [0, 1, 2, 3] and r.usage.prompt_tokens == 4
+    assert r.choices[0].text == r.choices[1].text and r.choices[2].text == r.choices[3].text
 
 
 def test_models_health_metrics(server, client) -> None:

@@ -1,8 +1,11 @@
 """/v1/chat/completions over real sockets with the `openai` client: logprobs against the model's own
-log-softmax (streaming and not), stream usage, max_completion_tokens, and Hugging Face-style templates
-(bos_token, eos_token, raise_exception; render errors as OpenAI 400s, syntax errors at configuration)."""
+log-softmax (streaming and not), stream usage, max_completion_tokens, content parts, n samples, and
+Hugging Face-style templates (bos_token, eos_token, raise_exception; render errors as OpenAI 400s, syntax
+errors at configuration)."""
 
 from __future__ import annotations
+
+import json
 
 import httpx
 import openai
@@ -117,7 +120,9 @@ def test_max_completion_tokens(client) -> None:
 
 
 def chat_post(server, body: dict) -> httpx.Response:
-    return httpx.post(server.url + "/v1/chat/completions", json={"model": "tiny-foe", **body}, timeout=30)
+    # json.dumps escapes to ASCII, so a lone surrogate travels as JSON's "\ud800"
+    return httpx.post(server.url + "/v1/chat/completions", content=json.dumps({"model": "tiny-foe", **body}),
+                      headers={"content-type": "application/json"}, timeout=30)
 
 
 @pytest.mark.parametrize("body,param,message", [
@@ -125,12 +130,47 @@ def chat_post(server, body: dict) -> httpx.Response:
     ({"messages": MESSAGES, "top_logprobs": 2}, "top_logprobs", "logprobs"),
     ({"messages": MESSAGES, "logprobs": True, "top_logprobs": 21}, "top_logprobs", "20"),
     ({"messages": MESSAGES, "logit_bias": {"65": 5.0}}, "logit_bias", "logit_bias"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, "messages",
+     "only text parts are supported, not 'image_url'"),
+    ({"messages": [{"role": "user", "content": [{"type": "text"}]}]}, "messages", "needs a `text` string"),
+    ({"messages": [{"role": "user", "content": "a\ud800"}]}, "messages", "lone surrogate"),
+    ({"messages": MESSAGES, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "not supported"),
+    ({"messages": MESSAGES, "functions": [{"name": "f"}]}, "functions", "not supported"),
+    ({"messages": MESSAGES, "response_format": {"type": "json_schema"}}, "response_format", "not supported"),
 ])
 def test_chat_bad_input_is_openai_400(server, body: dict, param: str, message: str) -> None:
     r = chat_post(server, body)
     assert r.status_code == 400, r.text
     err = r.json()["error"]
     assert err["param"] == param and message in err["message"] and err["type"] == "invalid_request_error"
+
+
+def test_content_parts_read_as_their_text_joined_by_newlines(server, client) -> None:
+    kw = dict(model="tiny-foe", max_completion_tokens=4, temperature=0, extra_body={"ignore_eos": True})
+    parts = [{"role": "system", "content": [{"type": "text", "text": "Be"}, {"type": "text", "text": "brief."}]},
+             {"role": "user", "content": [{"type": "text", "text": "Hi"}]}]
+    r = client.chat.completions.create(messages=parts, **kw)
+    want = client.chat.completions.create(messages=[{"role": "system", "content": "Be\nbrief."}, MESSAGES[1]], **kw)
+    assert r.usage.model_dump() == want.usage.model_dump()
+    assert r.choices[0].message.content == want.choices[0].message.content
+    for extra in ({"tools": []}, {"tools": None}, {"response_format": {"type": "text"}}):  # they ask for nothing
+        assert chat_post(server, {"messages": MESSAGES, "max_tokens": 1, **extra}).status_code == 200
+
+
+def test_chat_n_samples(client) -> None:
+    kw = dict(model="tiny-foe", messages=MESSAGES, max_completion_tokens=5, temperature=1, seed=3,
+              extra_body={"ignore_eos": True})
+    r = client.chat.completions.create(**kw, n=2)
+    alone = [client.chat.completions.create(**{**kw, "seed": 3 + i}).choices[0].message.content for i in range(2)]
+    assert [c.index for c in r.choices] == [0, 1] and [c.message.content for c in r.choices] == alone
+    prompt_tokens = len(byte_level_tokenizer().encode(RENDERED).ids)
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (prompt_tokens, 10)
+    chunks = list(client.chat.completions.create(**kw, n=2, stream=True, stream_options={"include_usage": True}))
+    assert [(c.choices[0].index, c.choices[0].delta.role) for c in chunks[:2]] == [(0, "assistant"), (1, "assistant")]
+    texts = ["", ""]
+    for c in (c for ch in chunks[2:] for c in ch.choices):
+        texts[c.index] += c.delta.content or ""
+    assert texts == alone and chunks[-1].usage.model_dump() == r.usage.model_dump()
 
 
 def test_template_render_error_is_400(model) -> None:

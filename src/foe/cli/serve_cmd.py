@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import math
 from typing import TYPE_CHECKING
 
-from foe.cli.common import add_model_args, at_least
+from foe.cli.common import add_model_args, at_least, float_in
 
 if TYPE_CHECKING:
     from foe.config import ModelConfig
@@ -44,6 +45,9 @@ def register(commands: argparse._SubParsersAction, bench: argparse._SubParsersAc
     g.add_argument("--chat-template", metavar="FILE", default=None,
                    help="Hugging Face-style Jinja2 chat template; enables /v1/chat/completions (default: the "
                         "checkpoint's tokenizer_config.json chat_template, if any)")
+    g.add_argument("--drain-timeout", metavar="S", type=float_in(0, math.inf), default=30.0,
+                   help="on SIGTERM/SIGINT, seconds to let requests in flight finish (new ones get 503) before "
+                        "stopping anyway; a second signal stops at once (default 30)")
     g = p.add_argument_group("parallel")
     g.add_argument("--strategy", choices=("none", "ep", "tp", "gp"), default="none",
                    help="how ranks split the model: ep/tp (MoE), gp (FoE); none = one process (default)")
@@ -110,7 +114,8 @@ def serve(args: argparse.Namespace) -> int:
         ChatTemplate(chat)
     server_cfg = ServerConfig(model_name=args.served_model_name or f"foe-{model_cfg.arch}", host=args.host,
                               port=args.port, chat_template=chat, bos_token=bos, eos_token=eos)
-    return serve_forever(spec, dims, _scheduler_config(args, model_cfg, dims.dp_size), server_cfg)
+    return serve_forever(spec, dims, _scheduler_config(args, model_cfg, dims.dp_size), server_cfg,
+                         args.drain_timeout)
 
 
 def bench_engine(args: argparse.Namespace) -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import queue
 import threading
 import time
@@ -32,9 +33,9 @@ class EngineDeadError(RuntimeError):
 class _Add:
     prompt_ids: list[int]
     params: RequestParams
-    out: asyncio.Queue
+    outs: list[asyncio.Queue]  # one per sample
     loop: asyncio.AbstractEventLoop
-    accepted: concurrent.futures.Future
+    accepted: concurrent.futures.Future  # -> the samples' seq ids
 
 
 @dataclass
@@ -43,6 +44,13 @@ class _Track:
     loop: asyncio.AbstractEventLoop
     arrival: float
     last: float | None = None
+
+
+def _send(t: _Track, item: RequestOutput | BaseException) -> None:
+    """Hand an item to a caller's event loop. A closed loop (the server stopped without waiting for its
+    requests) has no one left to read it."""
+    with contextlib.suppress(RuntimeError):  # call_soon_threadsafe on a closed loop
+        t.loop.call_soon_threadsafe(t.out.put_nowait, item)
 
 
 class RequestStream:
@@ -91,22 +99,35 @@ class AsyncEngine:
         self._thread.start()
 
     # ---- caller side (asyncio) --------------------------------------------------------------------
-    async def submit(self, prompt_ids: list[int], params: RequestParams) -> RequestStream:
-        """Queue a request and wait until the engine accepts it. Raises ValueError for a request the
-        engine refuses, EngineDeadError when the engine is dead."""
+    async def submit(self, prompt_ids: list[int], params: RequestParams, n: int = 1) -> list[RequestStream]:
+        """Queue n samples of a prompt (`LLMEngine.add_samples`) and wait until the engine accepts them.
+        Raises ValueError for a request the engine refuses, EngineDeadError when the engine is dead."""
         if self.dead:
             raise EngineDeadError(self.dead)
         loop = asyncio.get_running_loop()
-        out: asyncio.Queue = asyncio.Queue()
+        outs: list[asyncio.Queue] = [asyncio.Queue() for _ in range(n)]
         accepted: concurrent.futures.Future = concurrent.futures.Future()
-        self._inbox.put(_Add(prompt_ids, params, out, loop, accepted))
+        self._inbox.put(_Add(prompt_ids, params, outs, loop, accepted))
         if self.dead and not accepted.done():  # died between the check above and the put
             accepted.set_exception(EngineDeadError(self.dead))
-        seq_id = await asyncio.wrap_future(accepted)
-        return RequestStream(self, seq_id, out)
+        try:
+            seq_ids = await asyncio.wrap_future(accepted)
+        except asyncio.CancelledError:  # the caller went away; if the engine took the request anyway, drop it
+            accepted.add_done_callback(self._abort_accepted)
+            raise
+        return [RequestStream(self, i, out) for i, out in zip(seq_ids, outs)]
 
     def abort(self, seq_id: int) -> None:
         self._inbox.put(("abort", seq_id))
+
+    def _abort_accepted(self, accepted: concurrent.futures.Future) -> None:
+        if not accepted.cancelled() and accepted.exception() is None:
+            for seq_id in accepted.result():
+                self.abort(seq_id)
+
+    def abort_all(self) -> None:
+        """End every request now, as finished with reason "abort" (a server that must stop)."""
+        self._inbox.put(("abort_all", None))
 
     def shutdown(self) -> None:
         self._stop.set()
@@ -121,23 +142,38 @@ class AsyncEngine:
             return
         while True:
             if isinstance(item, _Add):
-                try:
-                    seq = self.engine.add_request(item.prompt_ids, item.params)
-                    self._tracks[seq.seq_id] = _Track(item.out, item.loop, seq.arrival)
-                    item.accepted.set_result(seq.seq_id)
-                    if seq.is_finished:  # nothing to compute (max_tokens=0, no echo)
-                        self._deliver([RequestOutput(seq, finished=True)])
-                except ValueError as e:
-                    item.accepted.set_exception(e)
+                self._add(item)
             elif item[0] == "abort":
                 self.engine.abort(item[1])
                 t = self._tracks.pop(item[1], None)
                 if t is not None:
                     self.metrics.on_finish("abort", 0, time.monotonic() - t.arrival)
+            elif item[0] == "abort_all":
+                self._abort_all()
             try:
                 item = self._inbox.get_nowait()
             except queue.Empty:
                 return
+
+    def _add(self, item: _Add) -> None:
+        if not item.accepted.set_running_or_notify_cancel():  # its caller went away before we got here
+            return
+        try:
+            seqs = self.engine.add_samples(item.prompt_ids, item.params, len(item.outs))
+        except ValueError as e:
+            item.accepted.set_exception(e)
+            return
+        for seq, out in zip(seqs, item.outs):
+            self._tracks[seq.seq_id] = _Track(out, item.loop, seq.arrival)
+        item.accepted.set_result([seq.seq_id for seq in seqs])
+        # nothing to compute (max_tokens=0, no echo): finished already
+        self._deliver([RequestOutput(seq, finished=True) for seq in seqs if seq.is_finished])
+
+    def _abort_all(self) -> None:
+        seqs = [self.engine.seqs[i] for i in self._tracks if i in self.engine.seqs]
+        for seq in seqs:
+            self.engine.abort(seq.seq_id)
+        self._deliver([RequestOutput(seq, finished=True) for seq in seqs])  # their callers see the end
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         now = time.monotonic()
@@ -151,7 +187,7 @@ class AsyncEngine:
             if o.finished:
                 self.metrics.on_finish(o.seq.finish_reason or "", len(o.seq.prompt_ids), now - t.arrival)
                 del self._tracks[o.seq_id]
-            t.loop.call_soon_threadsafe(t.out.put_nowait, o)
+            _send(t, o)
 
     def _loop(self) -> None:
         try:
@@ -178,14 +214,14 @@ class AsyncEngine:
             self.dead = reason
         err = EngineDeadError(reason)
         for t in list(self._tracks.values()):
-            t.loop.call_soon_threadsafe(t.out.put_nowait, err)
+            _send(t, err)
         self._tracks.clear()
         while True:  # refuse whatever is still queued
             try:
                 item = self._inbox.get_nowait()
             except queue.Empty:
                 break
-            if isinstance(item, _Add):
+            if isinstance(item, _Add) and not item.accepted.done():  # done: cancelled by its caller
                 item.accepted.set_exception(err)
         if self.on_dead is not None:
             self.on_dead(reason + ("\n" + detail if detail else ""))

@@ -88,8 +88,10 @@ class LLMEngine:
         return cls(LocalExecutor(model, cfg.num_blocks, cfg.block_size), cfg, model.cfg, tokenizer)
 
     # ---- requests ---------------------------------------------------------------------------------
-    def add_request(self, prompt_ids: list[int], params: RequestParams) -> Sequence:
-        """Queue a request (ValueError for one that can never run: too long, bad token ids)."""
+    def add_request(self, prompt_ids: list[int], params: RequestParams, share_from: Sequence | None = None
+                    ) -> Sequence:
+        """Queue a request (ValueError for one that can never run: too long, bad token ids). share_from:
+        an earlier sample of the same prompt whose KV blocks it shares (see `add_samples`)."""
         n = len(prompt_ids)
         if n == 0:
             raise ValueError("the prompt is empty")
@@ -101,12 +103,18 @@ class LLMEngine:
             raise ValueError(f"the model's context is {self.max_seq_len} tokens, but the request asks for "
                              f"{n + params.max_tokens} ({n} in the prompt, {params.max_tokens} to generate)")
         seq = Sequence(next(self._ids), list(prompt_ids), params, eos_token_id=self.eos_token_id)
-        self.scheduler.add(seq)
+        self.scheduler.add(seq, share_from)
         self.seqs[seq.seq_id] = seq
         self.text[seq.seq_id] = TextState(params.stop)
         if params.max_tokens == 0 and params.prompt_logprobs is None:  # nothing to compute
             self._finish(seq, "length")
         return seq
+
+    def add_samples(self, prompt_ids: list[int], params: RequestParams, n: int) -> list[Sequence]:
+        """n independent samples of one prompt (OpenAI's `n`): sample i is seeded with seed + i when
+        seeded; samples 2..n share the first one's prompt blocks once it has computed them."""
+        first = self.add_request(prompt_ids, params)
+        return [first, *(self.add_request(prompt_ids, params.for_sample(i), first) for i in range(1, n))]
 
     def abort(self, seq_id: int) -> None:
         """Drop a request (client went away); its KV blocks are freed now."""

@@ -3,7 +3,8 @@
 
 - `BlockManager` is pure bookkeeping (no tensors): a free list, reference counts and, optionally,
   prefix caching (full prompt blocks are hashed by their token chain; a new request whose prompt starts
-  with cached blocks shares them instead of recomputing). The scheduler owns one per data-parallel shard.
+  with cached blocks shares them instead of recomputing), and forking (samples of one prompt share its
+  blocks). The scheduler owns one per data-parallel shard.
 - `KVPool` holds the tensors: [n_layers, (num_blocks + 1) * block_size, H, K] for keys and values. The
   extra last block is scratch: padding tokens write there, so they never touch a real page.
 - `PagedKVCache` implements `foe.model.kv_cache.KVCache.update` for one forward: it scatters the new
@@ -32,7 +33,7 @@ def blocks_needed(num_tokens: int, block_size: int) -> int:
 
 
 class BlockManager:
-    """Hands out block ids of one KV pool. Blocks are shared (ref_count > 1) only through prefix caching."""
+    """Hands out block ids of one KV pool. Blocks are shared (ref_count > 1) through prefix caching and forks."""
 
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = False) -> None:
         if num_blocks < 1 or block_size < 1:
@@ -85,6 +86,15 @@ class BlockManager:
                 self.free[block] = None
         seq.block_ids = []
         self.seq_hashes.pop(seq.seq_id, None)
+
+    def share(self, src: Sequence, dst: Sequence, num_tokens: int) -> int:
+        """Give `dst` (holding no blocks) `src`'s full blocks among its first `num_tokens` tokens, by
+        reference; returns the tokens they hold. Works with prefix caching off."""
+        blocks = src.block_ids[:num_tokens // self.block_size]
+        for block in blocks:
+            self.ref_count[block] += 1
+        dst.block_ids = list(blocks)
+        return len(blocks) * self.block_size
 
     # ---- prefix caching ---------------------------------------------------------------------------
     def _hashes(self, seq: Sequence, upto_tokens: int) -> list[int]:

@@ -8,28 +8,38 @@ real port when --port 0 asked for any free one).
 
 A dead engine (a worker rank died, a step raised) makes the server answer 503 and exit: uvicorn is
 asked to stop, and if that has not happened within a few seconds the process exits anyway.
+
+SIGTERM or SIGINT drains: new requests get 503 while those in flight finish, then uvicorn stops, the
+engine thread stops, rank 0 tells the worker ranks to stop, and the process exits with code 0. After the
+drain timeout, or on a second signal, the requests still in flight are aborted (their responses end with
+finish_reason "abort") rather than cut off; should that not empty the server within a few seconds (a
+hung engine), it stops anyway. Plain uvicorn would re-raise the signal after its own shutdown, killing
+the process before that clean-up (exit code -15, a worker's gloo traceback).
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import sys
 import threading
 import time
 from collections.abc import Callable
+from types import FrameType
 
 import uvicorn
 
 from foe.engine.async_engine import AsyncEngine
 from foe.engine.engine import LLMEngine, LocalExecutor
 from foe.engine.scheduler import SchedulerConfig
-from foe.engine.server import ServerConfig, build_app
+from foe.engine.server import DrainGate, ServerConfig, build_app
 from foe.engine.worker import DistributedExecutor, ModelSpec
 from foe.parallel import ParallelDims
 from foe.tokenizer import load_tokenizer
 
 EXIT_GRACE_S = 3.0
+DRAIN_TIMEOUT_S = 30.0  # Kubernetes' default grace period before its SIGKILL
 
 
 def build_engine(spec: ModelSpec, dims: ParallelDims, cfg: SchedulerConfig) -> LLMEngine:
@@ -64,21 +74,56 @@ def bind_socket(host: str, port: int) -> socket.socket:
 
 
 class _Server(uvicorn.Server):
-    """uvicorn, calling `on_started` once it is accepting connections."""
+    """uvicorn serving through a `DrainGate`: calls `on_started` once it is accepting connections, and
+    drains on SIGTERM/SIGINT (see the module docstring); `abort_all` ends the requests in flight."""
 
-    def __init__(self, config: uvicorn.Config, on_started: Callable[[], None] | None = None) -> None:
+    def __init__(self, config: uvicorn.Config, gate: DrainGate, on_started: Callable[[], None] | None = None,
+                 drain_timeout_s: float = DRAIN_TIMEOUT_S, abort_all: Callable[[], None] | None = None) -> None:
         super().__init__(config)
-        self.on_started = on_started
+        self.gate, self.on_started, self.abort_all = gate, on_started, abort_all
+        self.drain_timeout_s = drain_timeout_s
+        self.drain_deadline: float | None = None
+        self.aborted = False
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
         if self.started and self.on_started is not None:
             self.on_started()
 
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        # Not recorded in _captured_signals, which uvicorn would re-raise once it has stopped.
+        name = signal.Signals(sig).name
+        if self.drain_deadline is None:
+            self.drain_deadline = time.monotonic() + self.drain_timeout_s
+            self.gate.close()
+            print(f"foe serve: {name}: finishing {self.gate.in_flight} request(s) in flight (new ones get 503), "
+                  f"then stopping", file=sys.stderr, flush=True)
+        elif not self.aborted:
+            self._abort(f"{name} again")
 
-def _uvicorn(app, sock: socket.socket, on_started: Callable[[], None] | None = None) -> _Server:
+    def _abort(self, why: str) -> None:
+        print(f"foe serve: {why}: aborting {self.gate.in_flight} request(s) in flight", file=sys.stderr, flush=True)
+        self.aborted, self.drain_deadline = True, time.monotonic()  # they have EXIT_GRACE_S to end
+        if self.abort_all is not None:
+            self.abort_all()
+
+    async def on_tick(self, counter: int) -> bool:
+        if self.drain_deadline is not None and not self.should_exit:
+            if self.gate.in_flight == 0:
+                self.should_exit = True
+            elif not self.aborted and time.monotonic() > self.drain_deadline:
+                self._abort(f"still running after {self.drain_timeout_s:g} s")
+            elif self.aborted and time.monotonic() > self.drain_deadline + EXIT_GRACE_S:  # a hung engine
+                self.should_exit = self.force_exit = True
+        return await super().on_tick(counter)
+
+
+def _uvicorn(app, sock: socket.socket, on_started: Callable[[], None] | None = None,
+             drain_timeout_s: float = DRAIN_TIMEOUT_S, abort_all: Callable[[], None] | None = None) -> _Server:
     host, port = sock.getsockname()[:2]
-    return _Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off"), on_started)
+    gate = DrainGate(app)
+    return _Server(uvicorn.Config(gate, host=host, port=port, log_level="warning", lifespan="off"), gate,
+                   on_started, drain_timeout_s, abort_all)
 
 
 def _wire_failure(engine: LLMEngine, async_engine: AsyncEngine) -> None:
@@ -86,7 +131,8 @@ def _wire_failure(engine: LLMEngine, async_engine: AsyncEngine) -> None:
         engine.executor.on_failure = async_engine.fail
 
 
-def serve_forever(spec: ModelSpec, dims: ParallelDims, cfg: SchedulerConfig, server_cfg: ServerConfig) -> int:
+def serve_forever(spec: ModelSpec, dims: ParallelDims, cfg: SchedulerConfig, server_cfg: ServerConfig,
+                  drain_timeout_s: float = DRAIN_TIMEOUT_S) -> int:
     sock = bind_socket(server_cfg.host, server_cfg.port)
     try:
         engine = build_engine(spec, dims, cfg)
@@ -110,7 +156,7 @@ def serve_forever(spec: ModelSpec, dims: ParallelDims, cfg: SchedulerConfig, ser
               f" per shard]", flush=True)
     try:
         app = build_app(async_engine, engine.tokenizer, server_cfg)
-        server = holder["server"] = _uvicorn(app, sock, banner)
+        server = holder["server"] = _uvicorn(app, sock, banner, drain_timeout_s, async_engine.abort_all)
         server.run(sockets=[sock])
     finally:
         sock.close()

@@ -2,8 +2,9 @@
 conversion to engine `RequestParams`, the legacy completions `logprobs` block, and error bodies.
 
 Unknown fields are ignored (clients send many optional ones); fields we know but do not implement
-(n > 1, best_of, penalties, suffix, logit_bias) are refused with a clear message rather than silently
-ignored. The chat `logprobs` layout lives in `chat.py`.
+(best_of, penalties, suffix, logit_bias, response_format, tools, non-text content parts) are refused
+with a clear message rather than silently ignored. Floats must be finite (JSON bodies may carry NaN).
+The chat `logprobs` layout lives in `chat.py`.
 """
 
 from __future__ import annotations
@@ -34,15 +35,18 @@ def error_body(message: str, type: str = "invalid_request_error", param: str | N
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
+class Strict(BaseModel):
+    # no coercion; NaN/inf (Python's json accepts them) are refused as such, not as out of range
+    model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
+
+
+class StreamOptions(Strict):
     include_usage: bool = False
 
 
-class SamplingFields(BaseModel):
+class SamplingFields(Strict):
     """Fields shared by completions and chat completions."""
 
-    model_config = ConfigDict(extra="ignore", strict=True)
     model: str | None = None
     max_tokens: int | None = Field(None, ge=0)
     temperature: float | None = Field(None, ge=0, le=100)
@@ -55,10 +59,11 @@ class SamplingFields(BaseModel):
     ignore_eos: bool = False
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = Field(1, ge=1)
+    n: int = Field(1, ge=1, le=128)  # samples per prompt (OpenAI's limit)
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
+    response_format: dict[str, Any] | None = None
     user: str | None = None
 
     @property
@@ -67,13 +72,14 @@ class SamplingFields(BaseModel):
         return bool(self.stream_options and self.stream_options.include_usage)
 
     def check_supported(self) -> None:
-        if self.n != 1:
-            raise APIError("only n=1 is supported", param="n")
         for name in ("presence_penalty", "frequency_penalty"):
             if getattr(self, name) not in (None, 0, 0.0):
                 raise APIError(f"{name} is not supported (use 0)", param=name)
         if self.logit_bias:  # {} and null change nothing, so they are accepted
             raise APIError("logit_bias is not supported", param="logit_bias")
+        if self.response_format not in (None, {"type": "text"}):  # "text" is the default: nothing to do
+            raise APIError("response_format is not supported (no structured output); omit it or use "
+                           '{"type": "text"}', param="response_format")
 
     def request_params(self, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None) -> RequestParams:
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
@@ -105,10 +111,27 @@ class CompletionRequest(SamplingFields):
                            param="max_tokens")
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
+class ContentPart(Strict):
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(Strict):
     role: str
-    content: str
+    content: str | list[ContentPart]
+
+    def text(self, i: int) -> str:
+        """The content as one string: text parts joined by newlines (as vLLM joins them); any other part
+        (an image, audio, a file) is a 400, since the model reads text only. i: the message's index."""
+        if isinstance(self.content, str):
+            return self.content
+        for p in self.content:
+            if p.type != "text":
+                raise APIError(f"messages[{i}].content: only text parts are supported, not {p.type!r}",
+                               param="messages")
+            if p.text is None:
+                raise APIError(f"messages[{i}].content: a text part needs a `text` string", param="messages")
+        return "\n".join(p.text for p in self.content)
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -116,11 +139,20 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=0)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: list[Any] | None = None
+    functions: list[Any] | None = None  # the deprecated form of tools
 
     def check_supported(self) -> None:
         super().check_supported()
         if self.top_logprobs and not self.logprobs:  # as OpenAI and vLLM
             raise APIError("top_logprobs needs logprobs: true", param="top_logprobs")
+        for name in ("tools", "functions"):  # [] and null ask for nothing, so they are accepted
+            if getattr(self, name):
+                raise APIError(f"{name} (function calling) is not supported", param=name)
+
+    def template_messages(self) -> list[dict[str, str]]:
+        """The messages as the chat template sees them: role and content strings."""
+        return [{"role": m.role, "content": m.text(i)} for i, m in enumerate(self.messages)]
 
     def generation_limit(self) -> tuple[int | None, str]:
         """The requested number of tokens to generate and the field it came from. max_completion_tokens
@@ -155,7 +187,11 @@ def logprobs_block(tok: Tokenizer, entries: list[TokenLogprob | None], token_ids
         if e is None:
             tops.append(None)
         else:
-            top = {token_text(tok, i): lp for i, lp in e.top}
-            top.setdefault(s, e.logprob)  # the scored token is always listed (as vLLM does)
+            top: dict[str, float] = {}
+            # The scored token is always listed (as vLLM does). Tokens with the same text share a key:
+            # the best one counts, so a greedy token's logprob is the maximum (lm-eval's is_greedy).
+            for i, lp in (*e.top, (t, e.logprob)):
+                key = token_text(tok, i)
+                top[key] = max(lp, top.get(key, lp))
             tops.append(top)
     return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import enum
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -47,6 +47,14 @@ class RequestParams:
         if any(not s for s in self.stop):
             raise ValueError("stop strings must be non-empty")
 
+    def for_sample(self, i: int) -> RequestParams:
+        """Sample i of n from one prompt: a seeded request's sample i uses seed + i (as vLLM does), so
+        the samples differ yet each is reproducible on its own."""
+        seed = self.sampling.seed
+        if seed is None or i == 0:
+            return self
+        return replace(self, sampling=replace(self.sampling, seed=seed + i))
+
 
 @dataclass
 class TokenLogprob:
@@ -75,6 +83,8 @@ class Sequence:
     # prompt_logprobs[i] scores prompt token i; token 0 has no context, so entry 0 is None.
     prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
     generator: torch.Generator | None = None
+    # n > 1: the sample whose prompt blocks this one waits to share (Scheduler.add); None once forked
+    share_from: Sequence | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.prompt_ids:

@@ -10,6 +10,11 @@ Every step, per data-parallel shard, with a budget of `max_num_batched_tokens` t
    new sequence goes to the shard with the fewest running sequences (expert parallelism: spread the
    load), and first shares any cached prefix blocks.
 
+Samples 2..n of one prompt (OpenAI's `n`) wait until the first sample has computed the prompt's full
+blocks, then fork: they share those blocks by reference on its shard and compute only the last partial
+block (as a prefix-cache hit does; each sample needs the last prompt token's logits). If the first
+sample stops running before that (preempted, aborted), they compute the prompt themselves.
+
 A sequence needs logits when the chunk reaches its last token (and at every prompt position when it
 asked for prompt logprobs). The scheduler never looks at logits: `update` only advances counters
 after the engine has appended the sampled tokens.
@@ -53,18 +58,43 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # admission order = priority order
         self.num_preemptions = 0
+        self.forks: dict[int, list[Sequence]] = {}  # seq id -> samples waiting to share its prompt blocks
 
     # ---- queue management -------------------------------------------------------------------------
-    def add(self, seq: Sequence) -> None:
+    def add(self, seq: Sequence, share_from: Sequence | None = None) -> None:
+        """Queue a sequence; share_from: an earlier sample of the same prompt whose blocks it may share."""
         max_tokens = self.cfg.num_blocks * self.cfg.block_size
         if seq.num_tokens + seq.params.max_tokens > max_tokens:
             raise ValueError(f"request needs {seq.num_tokens + seq.params.max_tokens} tokens of KV cache; "
                              f"a shard holds {max_tokens}")
         seq.status = SeqStatus.WAITING
         self.waiting.append(seq)
+        # samples that score the prompt (echo) compute it themselves, as with prefix caching
+        if (share_from is not None and not share_from.is_finished and self._shared_tokens(seq)
+                and not seq.wants_prompt_logprobs):
+            seq.share_from = share_from
+            self.forks.setdefault(share_from.seq_id, []).append(seq)
+
+    def _shared_tokens(self, seq: Sequence) -> int:
+        """Prompt tokens a fork shares: the full blocks before the last prompt token."""
+        return (len(seq.prompt_ids) - 1) // self.cfg.block_size * self.cfg.block_size
+
+    def _fork(self, src: Sequence) -> None:
+        """`src` has computed its prompt's full blocks: the samples waiting on it share them."""
+        for seq in self.forks.pop(src.seq_id):
+            seq.share_from = None
+            if not seq.is_finished:  # aborted while waiting
+                seq.dp_rank = src.dp_rank
+                seq.num_computed = self.blocks[src.dp_rank].share(src, seq, self._shared_tokens(seq))
+
+    def _release_forks(self, src: Sequence) -> None:
+        """`src` stops running before forking: its waiting samples compute the prompt themselves."""
+        for seq in self.forks.pop(src.seq_id, ()):
+            seq.share_from = None
 
     def finish(self, seq: Sequence, reason: str) -> None:
         """Mark finished (stop, length, abort) and free its blocks, wherever it is."""
+        self._release_forks(seq)
         if seq.status is SeqStatus.RUNNING:
             self.running.remove(seq)
             self.blocks[seq.dp_rank].release(seq)
@@ -110,6 +140,8 @@ class Scheduler:
         # No admissions in a step that preempted: the freed blocks go to the running sequences first.
         while self.waiting and not preempted:
             seq = self.waiting[0]
+            if seq.share_from is not None:  # a sample waiting to fork (its first sample is running)
+                break
             d = self._pick_shard(seq, budget, seats)
             if d is None:
                 break
@@ -128,21 +160,28 @@ class Scheduler:
         return plan, rows
 
     def _pick_shard(self, seq: Sequence, budget: list[int], seats: list[int]) -> int | None:
-        """The least-loaded shard that can take the sequence's first chunk now, else None."""
-        load = [0] * self.cfg.dp_size
-        for s in self.running:
-            load[s.dp_rank] += 1
-        for d in sorted(range(self.cfg.dp_size), key=lambda d: (load[d], -self.blocks[d].num_free)):
+        """The least-loaded shard that can take the sequence's first chunk now, else None. A fork
+        already holds blocks: only its own shard will do."""
+        forked = bool(seq.block_ids)
+        for d in [seq.dp_rank] if forked else self._shards_by_load():
             if budget[d] == 0 or seats[d] == 0:
                 continue
             bm = self.blocks[d]
-            seq.num_computed = bm.match_prefix(seq)
+            if not forked:
+                seq.num_computed = bm.match_prefix(seq)
             n = min(seq.num_uncomputed, budget[d])
             if bm.grow(seq, seq.num_computed + n):
                 return d
-            bm.release(seq)
-            seq.num_computed = 0
+            if not forked:
+                bm.release(seq)
+                seq.num_computed = 0
         return None
+
+    def _shards_by_load(self) -> list[int]:
+        load = [0] * self.cfg.dp_size
+        for s in self.running:
+            load[s.dp_rank] += 1
+        return sorted(range(self.cfg.dp_size), key=lambda d: (load[d], -self.blocks[d].num_free))
 
     def _row_plan(self, r: ScheduledRow) -> RowPlan:
         seq, n = r.seq, r.num_tokens
@@ -160,6 +199,7 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         """Recompute-style preemption: drop the KV, requeue at the front; prompt + output is refed later."""
+        self._release_forks(seq)
         self.running.remove(seq)
         self.blocks[seq.dp_rank].release(seq)
         seq.num_computed = 0
@@ -174,3 +214,5 @@ class Scheduler:
             r.seq.num_computed += r.num_tokens
             if not r.seq.is_finished:
                 self.blocks[r.seq.dp_rank].register_computed(r.seq)
+                if r.seq.seq_id in self.forks and r.seq.num_computed >= self._shared_tokens(r.seq):
+                    self._fork(r.seq)

@@ -8,13 +8,16 @@ generators, so results do not depend on the number of ranks.
 
 Failure handling: workers are child processes watched by a monitor thread; one that exits makes the
 executor call `on_failure` (the server then answers 503 and exits). Collectives carry the process-group
-timeout, and an idle rank 0 sends a heartbeat so that idle workers never hit it.
+timeout, and an idle rank 0 sends a heartbeat so that idle workers never hit it. Workers ignore SIGINT and
+SIGTERM (Ctrl-C and systemd signal the whole process group): rank 0 drains, then stops them; they exit
+with it if it dies.
 """
 
 from __future__ import annotations
 
 import datetime
 import os
+import signal
 import threading
 import time
 import traceback
@@ -84,6 +87,8 @@ def _exit_with_parent() -> None:
 def _worker_main(rank: int, dims: ParallelDims, port: int, spec: ModelSpec, num_blocks: int, block_size: int,
                  threads: int, timeout_s: float) -> None:
     _exit_with_parent()
+    for sig in (signal.SIGINT, signal.SIGTERM):  # rank 0 decides when to stop (a broadcast _STOP)
+        signal.signal(sig, signal.SIG_IGN)
     torch.set_num_threads(threads)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=dims.world_size, timeout=datetime.timedelta(seconds=timeout_s))
