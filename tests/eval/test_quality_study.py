@@ -55,6 +55,9 @@ def test_quick_study_end_to_end(tmp_path: Path, small_corpus: Path) -> None:  # 
             assert (state["seed"], state["aux_coef"]) == (t["seed"], m["aux_coef"])
             assert t["val_loss_stderr"] > 0 and t["val_tokens"] == r["test_tokens"]
             assert set(t["load_own"]) == {"load_cv", "load_max_over_mean"} and "acc_stderr" in t["mc"]["copa"]
+    from foe.train.checkpointing import resolve_checkpoint
+    for arch in ("moe", "foe"):  # OUT/<arch> resolves to the chosen coefficient's first-seed checkpoint
+        assert str(resolve_checkpoint(out / arch)) == r["models"][arch]["test"][0]["checkpoint"]
     assert r["models"]["foe"]["test"][0]["load_own"] == r["models"]["foe"]["test"][0]["load_in_foe_groups"]
     moe = [t["val_loss"] for t in r["models"]["moe"]["test"]]
     foe = [t["val_loss"] for t in r["models"]["foe"]["test"]]

@@ -17,7 +17,8 @@
   and MoE's load also scored within the expert sets FoE's groups would own.
 
 Every run is an ordinary `foe train` run directory (OUT/<arch>/aux<coef>/seed<seed>), so an interrupted
-study continues with --resume and any run can be served, evaluated or resumed on its own.
+study continues with --resume and any run can be served, evaluated or resumed on its own; OUT/<arch>
+itself resolves to the chosen coefficient's first-seed checkpoint (`--checkpoint OUT/foe`).
 """
 
 from __future__ import annotations
@@ -34,8 +35,9 @@ from foe.eval.harness import evaluate_tasks, mean_accuracy
 from foe.eval.heldout import score_windows
 from foe.eval.quality_report import plot_study
 from foe.eval.stats import t_interval
-from foe.model.checkpoint import load_checkpoint, load_config
+from foe.model.checkpoint import atomic_write, load_checkpoint, load_config
 from foe.tokenizer import load_tokenizer
+from foe.train.checkpointing import LATEST
 from foe.train.config import TrainConfig
 from foe.train.data import PackedData, read_documents, split_documents, tokenize_documents, unigram_loss
 from foe.train.run import read_log, run_training
@@ -150,6 +152,8 @@ def compare_quality(study: StudyConfig, resume: bool = False) -> dict[str, Any]:
     for arch in ARCHS:
         best.setdefault(arch, min(study.aux_coefs, key=lambda c: runs[(arch, c, study.seeds[0])]["dev_loss"]))
 
+    for arch in ARCHS:
+        point_to_chosen(out / arch, runs[(arch, best[arch], study.seeds[0])]["checkpoint"])
     _progress("scoring every architecture's runs at its best coefficient on the test windows")
     testset, foe_groups = _TestSet(study), study.model("foe").num_groups
     models: dict[str, Any] = {}
@@ -185,6 +189,13 @@ def compare_quality(study: StudyConfig, resume: bool = False) -> dict[str, Any]:
     report["plot"] = str(png)
     (out / "compare_quality.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+def point_to_chosen(arch_dir: Path, checkpoint: str) -> None:
+    """Make OUT/<arch> a run directory whose `latest` names the chosen coefficient's first-seed checkpoint,
+    so `--checkpoint OUT/foe` (serve, eval, generate) takes the model the study reports on."""
+    target = Path(checkpoint).resolve().relative_to(arch_dir.resolve())
+    atomic_write(arch_dir / LATEST, lambda tmp: Path(tmp).write_text(f"{target}\n"))
 
 
 def verdict(rel: dict[str, float], margin: float) -> dict[str, Any]:
