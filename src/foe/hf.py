@@ -23,7 +23,7 @@ from transformers import (AutoConfig, AutoModelForCausalLM, GenerationConfig, Ge
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from foe.config import ModelConfig
-from foe.model.layers import Rotary
+from foe.model.precision import upcast
 from foe.model.transformer import Transformer
 
 _FIELDS = [f.name for f in dataclasses.fields(ModelConfig)]
@@ -68,12 +68,10 @@ class FoEForCausalLM(PreTrainedModel, GenerationMixin):
         self.post_init()
 
     def _init_weights(self, module: torch.nn.Module) -> None:
-        # Parameters come from the checkpoint (or Transformer's own init). The rotary tables are
-        # non-persistent buffers, absent from checkpoints; from_pretrained builds the model without
-        # materialising them, so compute them here.
-        if isinstance(module, Rotary):
-            fresh = Rotary(self.cfg.head_dim, self.cfg.max_seq_len, self.cfg.rope_theta)
-            module.cos, module.sin = fresh.cos, fresh.sin
+        # Parameters come from the checkpoint (or Transformer's own init), not from transformers' default
+        # init. The rotary tables are not buffers: Rotary computes them on first use, so nothing is left
+        # unmaterialised by from_pretrained's meta-device construction.
+        pass
 
     def get_input_embeddings(self) -> torch.nn.Module:
         return self.embed
@@ -94,7 +92,7 @@ class FoEForCausalLM(PreTrainedModel, GenerationMixin):
         out = Transformer.forward(self, input_ids, token_mask_BL=mask)
         loss = None
         if labels is not None:
-            loss = torch.nn.functional.cross_entropy(out.logits[:, :-1].flatten(0, 1).float(),
+            loss = torch.nn.functional.cross_entropy(upcast(out.logits[:, :-1].flatten(0, 1)),
                                                      labels[:, 1:].flatten(), ignore_index=-100)
         return CausalLMOutputWithPast(loss=loss, logits=out.logits)
 

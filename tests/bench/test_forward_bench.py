@@ -39,6 +39,18 @@ def test_cli_runs_and_reports_collectives(tmp_path: Path, capsys: pytest.Capture
     assert "MoE time / FoE (gp) time" in capsys.readouterr().out
 
 
+def test_float64_run_moves_float64_bytes(tmp_path: Path) -> None:
+    out = tmp_path / "bf64"
+    assert main(["bench", "forward", "--preset", "tiny", "--strategies", "tp,gp", "--batch-sizes", "2", "--repeats",
+                 "1", "--warmup", "1", "--seq-len", "4", "--context-len", "4", "--dtype", "float64",
+                 "--out", str(out)]) == 0
+    result = json.loads(out.with_suffix(".json").read_text())
+    assert result["config"]["dtype"] == "float64"
+    rows = {(r["strategy"], r["mode"]): r for r in result["results"]}
+    D = result["config"]["model"]["d_model"]
+    assert rows[("tp", "prefill")]["bytes_per_token_per_layer_intra"] == pytest.approx(2 * 2 * D * 8)
+
+
 @pytest.mark.parametrize("kw,msg", [
     (dict(nproc=3), "divisible"),
     (dict(strategies=("xp",)), "unknown strategy"),

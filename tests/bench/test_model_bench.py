@@ -166,3 +166,17 @@ def test_fast_experts_inference_branch_under_bf16_autocast() -> None:
         out, ref = fast(x, counts), slow(x, counts)  # the reference loop autocasts each product
     assert out.dtype == ref.dtype == torch.bfloat16
     torch.testing.assert_close(out, ref, atol=1e-2, rtol=1e-2)
+
+
+def test_bench_runs_models_inputs_and_floor_in_its_dtype() -> None:
+    from foe.bench.model_latency import build_models, time_feed_forward, time_shape
+    bench = ModelBenchConfig(preset="tiny", batch_sizes=(2,), seq_lens=(5,), repeats=1, clock="wall", dtype="float64")
+    models = build_models(bench)
+    assert {m.embed.weight.dtype for m in models.values()} == {torch.float64}
+    for phase in ("prefill", "decode"):
+        timings, _ = time_shape(models, phase, 2, 5, bench)
+        assert set(timings) == {"moe", "foe", "naive"}
+    assert set(time_feed_forward(models, 4, bench)[0]) == {"moe", "foe", "naive"}
+    assert measure_machine(repeats=1, matmul_size=64, copy_mib=1, dtype=torch.float64).matmul_gflops > 0
+    with pytest.raises(ValueError, match="dtype"):
+        ModelBenchConfig(preset="tiny", dtype="float16")

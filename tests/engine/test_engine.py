@@ -75,6 +75,32 @@ def test_paged_cache_forward_equals_full_forward() -> None:
     assert isinstance(KVPool.for_model(model, 1, 4), KVPool) and PagedKVCache
 
 
+def test_float64_engine_equals_generate_and_the_full_forward() -> None:
+    """A float64 model serves in float64: its KV pool, the logits it samples from (no float32 detour),
+    paged-cache logits equal to the full forward's to 1e-12, and greedy tokens equal to `generate`'s."""
+    model = build(tiny("foe")).double()
+    runner = ModelRunner(model, num_blocks=8, block_size=4)
+    from foe.engine.request import RowPlan
+    x = torch.randint(0, 256, (1, 11))
+    chunks = ((0, 6), (6, 11))
+    logits = torch.cat([runner.execute([RowPlan(0, x[0, a:b].tolist(), a, [5, 1, 3], 0)]) for a, b in chunks])
+    assert runner.pool.k.dtype == logits.dtype == torch.float64
+    with torch.no_grad():
+        torch.testing.assert_close(logits, model(x).logits[0], rtol=0, atol=1e-12)
+    prompts = random_prompts(6, seed=4)
+    max_tokens = [3 + i for i in range(len(prompts))]
+    ref = [generate(model, [p], n)[0] for p, n in zip(prompts, max_tokens)]
+    cfg = SchedulerConfig(num_blocks=64, block_size=4, max_num_batched_tokens=24, max_num_seqs=4)
+    assert staggered(LLMEngine.from_model(model, cfg), prompts, max_tokens) == ref
+
+
+def test_bf16_engine_keeps_bf16_kv_and_samples_from_float32_logits() -> None:
+    runner = ModelRunner(build(tiny("moe")).to(torch.bfloat16), num_blocks=4, block_size=4)
+    from foe.engine.request import RowPlan
+    logits = runner.execute([RowPlan(0, [1, 2, 3], 0, [0], 0)])
+    assert runner.pool.k.dtype == torch.bfloat16 and logits.dtype == torch.float32 and logits.isfinite().all()
+
+
 def test_prompt_logprobs_match_full_forward_log_softmax() -> None:
     model = build(tiny("moe"))
     prompts = random_prompts(3, seed=3, lo=5, hi=30)

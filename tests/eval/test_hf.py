@@ -42,3 +42,17 @@ def test_auto_classes_match_bare_model(tmp_path, arch: str) -> None:
     out = hf.generate(torch.tensor([ids[0]]), max_new_tokens=4, do_sample=False)
     assert out.shape == (1, len(ids[0]) + 4)
     assert hf.generation_config.top_k is None  # config.json's top_k is experts per token, not sampling
+
+
+def test_float64_checkpoint_loads_and_runs_in_float64(tmp_path) -> None:
+    """from_pretrained keeps a float64 checkpoint in float64 (transformers' dtype="auto"), and the rotary
+    tables, which its meta-device construction never materialises, follow the model's dtype."""
+    from transformers import AutoModelForCausalLM
+    model = build(tiny("foe"), seed=3).double()
+    save_checkpoint(model, tmp_path)
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    x = torch.tensor([[5, 9, 2, 200, 17, 3]])
+    with torch.no_grad():
+        logits = hf(x).logits
+        assert logits.dtype == torch.float64
+        torch.testing.assert_close(logits, model(x).logits, rtol=0, atol=1e-12)

@@ -61,6 +61,24 @@ def test_grouped_mm_equals_loop_with_empty_experts_and_gradients() -> None:
     assert fast(torch.zeros(0, 32), torch.zeros(8, dtype=torch.long)).shape == (0, 32)
 
 
+@pytest.mark.parametrize("rows_per_expert", [2, 200])  # below and above the streamed path's threshold
+def test_default_impl_runs_float64_and_equals_the_loop(rows_per_expert: int) -> None:
+    """torch._grouped_mm has no float64: the default impl computes float64 expert by expert instead,
+    with and without gradients, exactly as the loop does (including float64 training, with its losses)."""
+    fast, slow = (make_ffn(1, 8, 2, impl).double().experts for impl in ("grouped_mm", "loop"))
+    counts = torch.tensor([1, 0, 3, 0, 0, 2, 1, 1]) * rows_per_expert
+    x = torch.randn(int(counts.sum()), 32, dtype=torch.float64)
+    with torch.no_grad():
+        assert torch.equal(fast(x, counts), slow(x, counts))
+    x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    fast(x1, counts).square().sum().backward()
+    slow(x2, counts).square().sum().backward()
+    assert torch.equal(x1.grad, x2.grad) and torch.equal(fast.w13.grad, slow.w13.grad)
+    ffn = make_ffn(2, 4, 1, "grouped_mm").double().train()
+    y, r = ffn(torch.randn(2, 9, 32, dtype=torch.float64))
+    assert y.dtype == r.weights_GTA.dtype == r.aux_loss.dtype == r.z_loss.dtype == torch.float64
+
+
 def test_balance_loss_is_one_when_uniform_and_larger_when_skewed() -> None:
     router = TopKRouter(1, 4, 4, 1, "softmax", True, 0.0)
     x = torch.randn(1, 64, 4)

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from foe.config import ModelConfig
+from foe.model.precision import dtype_named
 from foe.parallel import ParallelDims, init_distributed, parallelize, run_ranks
 
 STRATEGY_ARCH = {"ep": "moe", "tp": "moe", "gp": "foe"}
@@ -40,6 +41,7 @@ class ForwardBenchConfig:
     ranks_per_group: int = 1  # gp only (the multi-node layout)
     seed: int = 0
     model_overrides: dict = field(default_factory=dict)
+    dtype: str = "float32"  # of weights, activations, KV cache and so of the bytes communicated
 
     def model_config(self, strategy: str) -> ModelConfig:
         return ModelConfig.from_preset(self.preset, arch=STRATEGY_ARCH[strategy], **self.model_overrides)
@@ -54,6 +56,7 @@ class ForwardBenchConfig:
             if s not in STRATEGY_ARCH:
                 raise ValueError(f"unknown strategy {s!r}; choose from {sorted(STRATEGY_ARCH)}")
             self.dims(s).validate(self.model_config(s))
+        dtype_named(self.dtype)  # raises for an unknown dtype
         for m in self.modes:
             if m not in ("prefill", "decode"):
                 raise ValueError(f"unknown mode {m!r}; choose prefill and/or decode")
@@ -89,7 +92,7 @@ def bench_worker(rank: int, world: int, bc: ForwardBenchConfig, show_progress: b
     models, comms, dims = {}, {}, {}
     for s in bc.strategies:
         torch.manual_seed(bc.seed)  # same weights on every rank before slicing
-        models[s] = Transformer(bc.model_config(s)).eval()
+        models[s] = Transformer(bc.model_config(s)).to(dtype_named(bc.dtype)).eval()
         dims[s] = bc.dims(s)
         comms[s] = parallelize(models[s], dims[s], rank)
         comms[s].ledger.enabled = False

@@ -3,7 +3,7 @@ weights and KV cache touched), and the machine's measured matmul rate and memory
 
     floor = max(flops / matmul_rate, bytes_touched / copy_bandwidth)
 
-A forward can be no faster than its matrix products at the rate of a large fp32 matmul, nor than
+A forward can be no faster than its matrix products at the rate of a large matmul in its dtype, nor than
 reading the weights it touches once at the rate of a large copy. The floor ignores everything else
 (norms, routing, softmax, Python), so "fraction of the floor" measures all of that overhead together.
 This module knows nothing about timing models; `model_latency.py` does that.
@@ -23,7 +23,7 @@ from foe.config import ModelConfig
 
 @dataclass(frozen=True)
 class MachineRates:
-    matmul_gflops: float  # fp32 square matmul, median over repeats
+    matmul_gflops: float  # square matmul in the model's dtype (fp32 by default), median over repeats
     copy_gbps: float  # large tensor copy, bytes read + bytes written per second, median
     threads: int
     matmul_size: int
@@ -53,13 +53,14 @@ def _median_seconds(fn: Callable[[], object], repeats: int, clock: Callable[[], 
 
 
 def measure_machine(repeats: int = 5, matmul_size: int = 2048, copy_mib: int = 256,
-                    clock: Callable[[], float] = time.perf_counter) -> MachineRates:
-    """Measure fp32 matmul GFLOP/s and copy GB/s now, with torch's current thread count. `clock` is
-    the timer (`time.thread_time` gives CPU time, which a busy machine inflates less, for 1 thread)."""
+                    clock: Callable[[], float] = time.perf_counter, dtype: torch.dtype = torch.float32
+                    ) -> MachineRates:
+    """Measure the matmul GFLOP/s in `dtype` and copy GB/s now, with torch's current thread count. `clock`
+    is the timer (`time.thread_time` gives CPU time, which a busy machine inflates less, for 1 thread)."""
     if repeats < 1 or matmul_size < 1 or copy_mib < 1:
         raise ValueError("repeats, matmul_size and copy_mib must be positive")
     n = matmul_size
-    a, b, c = torch.randn(n, n), torch.randn(n, n), torch.empty(n, n)
+    a, b, c = (torch.randn(n, n, dtype=dtype) for _ in range(3))
     mm_s = _median_seconds(lambda: torch.mm(a, b, out=c), repeats, clock)
     src = torch.randn(copy_mib * 2**20 // 4)
     dst = torch.empty_like(src)

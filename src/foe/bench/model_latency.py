@@ -41,6 +41,7 @@ from foe.bench.model_floor import ForwardWork, MachineRates, ffn_work, forward_w
 from foe.bench.model_naive import NaiveSparseMoE, naive_feed_forwards
 from foe.config import ModelConfig
 from foe.model import DenseKVCache, ModelOutput, Transformer
+from foe.model.precision import dtype_named
 
 PHASES = ("prefill", "decode")
 # "cpu" is for a shared machine: with one thread, the thread's CPU time leaves out the time other
@@ -62,6 +63,7 @@ class ModelBenchConfig:
     threads: int | None = None  # None: torch's default
     max_prefill_tokens: int = 8192  # prefill shapes with B * L above this are skipped (they take long)
     clock: str = "auto"  # wall: elapsed time; cpu: this thread's CPU time (needs threads=1); auto: see below
+    dtype: str = "float32"  # of weights, activations and KV cache, and of the floor's matmul (foe.model.precision)
 
     def __post_init__(self) -> None:
         if not self.batch_sizes or min(self.batch_sizes) < 1:
@@ -80,10 +82,15 @@ class ModelBenchConfig:
             raise ValueError(f"clock must be one of {(*CLOCKS, 'auto')}, got {self.clock!r}")
         if self.clock == "cpu" and self.threads != 1:
             raise ValueError("clock 'cpu' measures one thread's CPU time: it needs threads=1")
+        self.torch_dtype  # raises for an unknown dtype
         cfg = ModelConfig.from_preset(self.preset)  # raises for an unknown preset
         if max(self.seq_lens) + 1 > cfg.max_seq_len:
             raise ValueError(f"seq len {max(self.seq_lens)} + 1 decode token exceeds max_seq_len "
                              f"{cfg.max_seq_len} of preset {self.preset!r}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return dtype_named(self.dtype)
 
 
 @dataclass
@@ -142,11 +149,11 @@ class FeedForwardRow:
 
 
 def build_models(bench: ModelBenchConfig) -> dict[str, Transformer]:
-    """MoE and FoE at the same preset size, each from the same seed, in eval mode."""
+    """MoE and FoE at the same preset size, each from the same seed, in eval mode and the bench's dtype."""
     models = {}
     for arch in ("moe", "foe"):
         torch.manual_seed(bench.seed)
-        models[arch] = Transformer(ModelConfig.from_preset(bench.preset, arch=arch)).eval()
+        models[arch] = Transformer(ModelConfig.from_preset(bench.preset, arch=arch)).to(bench.torch_dtype).eval()
     return models
 
 
@@ -197,11 +204,11 @@ def time_feed_forward(models: dict[str, Transformer], tokens: int, bench: ModelB
     calls: dict[str, Callable[[], tuple]] = {}
     for arch in ("moe", "foe"):
         cfg = models[arch].cfg
-        x = torch.randn(cfg.num_groups, tokens, cfg.d_model, generator=gen)
+        x = torch.randn(cfg.num_groups, tokens, cfg.d_model, generator=gen).to(bench.torch_dtype)
         calls[arch] = lambda f=models[arch].layers[0].ffn, x=x: f(x)
     if bench.naive:
         cfg = models["moe"].cfg
-        x = torch.randn(1, tokens, cfg.d_model, generator=gen)
+        x = torch.randn(1, tokens, cfg.d_model, generator=gen).to(bench.torch_dtype)
         calls["naive"] = lambda f=NaiveSparseMoE(models["moe"].layers[0].ffn), x=x: f(x)
     timings, outs = _interleaved(calls, bench)
     return timings, {arch: int((outs[arch][1].counts_E > 0).sum()) for arch in models}
@@ -260,14 +267,14 @@ def _run(bench: ModelBenchConfig, log: Callable[[str], None]) -> dict:
         # which wait for each other) then measure the machine's load more than the model.
         log(f"warning: load average {load_before[0]:.1f} on {_cores()} cores; wall-clock timings will be "
             f"unreliable. On a shared machine use --clock cpu --threads 1.")
-    rates_before = measure_machine(clock=CLOCKS[bench.clock])
+    rates_before = measure_machine(clock=CLOCKS[bench.clock], dtype=bench.torch_dtype)
     rows: list[Row] = []
     works: list[dict[str, ForwardWork]] = []
     for phase, L, B in shapes:
         timings, hit = time_shape(models, phase, B, L, bench)
         new, ctx = (B * L, 0) if phase == "prefill" else (B, L)
-        works.append({arch: forward_work(models[arch].cfg, B, new // B, ctx, hit[arch], B)
-                      for arch in ("moe", "foe")})
+        works.append({arch: forward_work(models[arch].cfg, B, new // B, ctx, hit[arch], B,
+                                         bench.torch_dtype.itemsize) for arch in ("moe", "foe")})
         rows.append(Row(phase, B, L, new, timings, {},
                         {a: w.flops / 1e9 for a, w in works[-1].items()},
                         {a: (w.weight_bytes + w.kv_bytes) / 1e6 for a, w in works[-1].items()}))
@@ -278,11 +285,12 @@ def _run(bench: ModelBenchConfig, log: Callable[[str], None]) -> dict:
     if bench.feed_forward:
         for T in sorted({new for p, L, B in shapes for new in [B * L if p == "prefill" else B]}):
             timings, hit = time_feed_forward(models, T, bench)
-            ffn_works.append({arch: ffn_work(models[arch].cfg, T, hit[arch]) for arch in ("moe", "foe")})
+            ffn_works.append({arch: ffn_work(models[arch].cfg, T, hit[arch], bench.torch_dtype.itemsize)
+                              for arch in ("moe", "foe")})
             ffn_rows.append(FeedForwardRow(T, timings, {}))
             log(f"  ffn     T={T:<5d}        " + "  ".join(
                 f"{k} {v.median_ms:8.2f} ms" for k, v in timings.items()))
-    rates_after = measure_machine(clock=CLOCKS[bench.clock])
+    rates_after = measure_machine(clock=CLOCKS[bench.clock], dtype=bench.torch_dtype)
     rates = MachineRates(max(rates_before.matmul_gflops, rates_after.matmul_gflops),
                          max(rates_before.copy_gbps, rates_after.copy_gbps), rates_before.threads,
                          rates_before.matmul_size, rates_before.copy_mib)

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from foe.model.ffn import MoEFeedForward
+from foe.model.precision import upcast
 from foe.model.router import RouterOutput
 from foe.model.transformer import Transformer
 
@@ -42,7 +43,7 @@ class NaiveSparseMoE(nn.Module):
     def forward(self, x_GTD: torch.Tensor) -> tuple[torch.Tensor, RouterOutput]:
         G, T, D = x_GTD.shape
         e, E = self.router_weight.shape[2], self.w13.shape[0]
-        router_logits = torch.bmm(x_GTD, self.router_weight).float()
+        router_logits = upcast(torch.bmm(x_GTD, self.router_weight))  # Mixtral: softmax in float32 (or wider)
         routing = router_logits.softmax(-1) if self.score == "softmax" else router_logits.sigmoid()
         routing_weights, selected = routing.topk(self.top_k, dim=-1)
         if self.renorm:

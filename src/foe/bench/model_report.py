@@ -22,7 +22,8 @@ def format_table(result: dict) -> str:
         f"preset {result['settings']['preset']}: MoE {result['params']['moe'] / 1e6:.2f}M params, "
         f"FoE {result['params']['foe'] / 1e6:.2f}M; {m['cpu']}, {m['cores']} cores, {r['threads']} threads, "
         f"torch {m['torch']}; load average {m['loadavg_before'][0]:.1f} before, {m['loadavg_after'][0]:.1f} after",
-        f"machine: fp32 matmul {r['matmul_gflops']:.0f} GFLOP/s ({r['matmul_size']}^2), copy "
+        f"machine: {result['settings'].get('dtype', 'float32')} matmul {r['matmul_gflops']:.0f} GFLOP/s "
+        f"({r['matmul_size']}^2), copy "
         f"{r['copy_gbps']:.1f} GB/s ({r['copy_mib']} MiB, read+write); floor = max(FLOPs/rate, bytes/bandwidth)",
         f"times in ms ({result['settings']['clock']} clock): median (p10-p90) of {result['settings']['repeats']}; "
         "naive = HF Mixtral-style per-expert loop (MoE weights)",

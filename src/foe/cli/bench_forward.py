@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from foe.cli.common import number_list
+from foe.cli.common import add_dtype_arg, number_list, random_weights_dtype
 
 
 _ints = number_list(int, "integers")
@@ -42,6 +42,7 @@ def register(commands: argparse._SubParsersAction, bench: argparse._SubParsersAc
                    help="override a preset field, e.g. n_kv_heads=2 (repeatable)")
     p.add_argument("--out", default="results/bench_forward", help="output prefix for .json and .png")
     p.add_argument("--seed", type=int, default=0)
+    add_dtype_arg(p, auto="float32 (random weights)")
     p.set_defaults(func=run)
 
 
@@ -69,7 +70,8 @@ def run(args: argparse.Namespace) -> int:
                             batch_sizes=args.batch_sizes, seq_len=args.seq_len, context_len=args.context_len,
                             warmup=args.warmup, repeats=args.repeats, ranks_per_node=args.ranks_per_node,
                             ranks_per_group=args.ranks_per_group, seed=args.seed,
-                            model_overrides=_overrides(args.model_override))
+                            model_overrides=_overrides(args.model_override),
+                            dtype=random_weights_dtype(args))
     bc.validate()
     if torchrun_rank == 0:
         for s in bc.strategies:

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from foe.cli.common import number_list
+from foe.cli.common import add_dtype_arg, number_list, random_weights_dtype
 
 
 _ints = number_list(int, "integers", positive=True)
@@ -43,6 +43,7 @@ def register(commands: argparse._SubParsersAction, bench: argparse._SubParsersAc
     p.add_argument("--max-prefill-tokens", type=int, default=8192, metavar="N",
                    help="skip prefill shapes with batch * seq len above N (default 8192)")
     p.add_argument("--seed", type=int, default=0, help="seed for weights and inputs (default 0)")
+    add_dtype_arg(p, auto="float32 (random weights); the floor's matmul runs in it too")
     p.add_argument("--json", default="results/bench_model.json", metavar="PATH",
                    help="where to write results (default results/bench_model.json)")
     p.add_argument("--plot", default=None, metavar="PATH",
@@ -57,7 +58,8 @@ def run(args: argparse.Namespace) -> int:
     bench = ModelBenchConfig(preset=args.preset, batch_sizes=args.batch_sizes, seq_lens=args.seq_lens,
                              phases=args.phases, repeats=args.repeats, warmup=args.warmup,
                              naive=not args.no_naive, feed_forward=not args.no_feed_forward, seed=args.seed, threads=args.threads,
-                             max_prefill_tokens=args.max_prefill_tokens, clock=args.clock)
+                             max_prefill_tokens=args.max_prefill_tokens, clock=args.clock,
+                             dtype=random_weights_dtype(args))
     result = run_model_bench(bench)
     print()
     print(format_table(result))

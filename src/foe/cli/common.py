@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 if TYPE_CHECKING:
+    import torch
     from tokenizers import Tokenizer
 
     from foe.config import ModelConfig
@@ -123,6 +124,36 @@ def add_model_args(p: argparse.ArgumentParser, default_preset: str = "tiny") -> 
     g.add_argument("--seed", type=int, default=0, help="seed for random initialisation (default 0)")
 
 
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float64")  # foe.model.precision.DTYPES and "auto"
+
+
+def add_dtype_arg(p: argparse.ArgumentParser,
+                  auto: str = "the checkpoint's stored dtype, float32 for random weights from --preset") -> None:
+    """--dtype: the dtype of the weights, activations and KV cache; `auto` says what "auto" means."""
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
+                   help=f"weights, activations and KV cache; norms, rotary and routing run in at least float32. "
+                        f"auto (default): {auto}")
+
+
+def dtype_from_args(args: argparse.Namespace) -> "torch.dtype":
+    """The dtype --dtype names, with auto resolved (the checkpoint's stored dtype, else float32); float32
+    for a command without the option."""
+    import torch
+
+    from foe.model.checkpoint import checkpoint_dtype
+    from foe.model.precision import dtype_named
+    name = getattr(args, "dtype", "auto")
+    if name != "auto":
+        return dtype_named(name)
+    ckpt = checkpoint_from_args(args)
+    return checkpoint_dtype(ckpt) if ckpt is not None else torch.float32
+
+
+def random_weights_dtype(args: argparse.Namespace) -> str:
+    """--dtype of a command that runs random weights only (the benchmarks), by name: auto is float32."""
+    return "float32" if args.dtype == "auto" else args.dtype
+
+
 def checkpoint_from_args(args: argparse.Namespace) -> Path | None:
     """The checkpoint directory `--checkpoint` names (a run directory resolves to its `latest`), or None.
 
@@ -146,15 +177,10 @@ def config_from_args(args: argparse.Namespace) -> "ModelConfig":
 
 
 def model_from_args(args: argparse.Namespace) -> "Transformer":
-    import torch
-
-    from foe.model import Transformer
-    from foe.model.checkpoint import load_checkpoint
+    """The --checkpoint's model, or random weights for --preset seeded by --seed; in --dtype, eval mode."""
+    from foe.model.checkpoint import build_model
     ckpt = checkpoint_from_args(args)
-    if ckpt is not None:
-        return load_checkpoint(ckpt)
-    torch.manual_seed(args.seed)
-    return Transformer(config_from_args(args)).eval()
+    return build_model(ckpt, None if ckpt else config_from_args(args), args.seed, dtype_from_args(args))
 
 
 def tokenizer_from_args(args: argparse.Namespace) -> "Tokenizer":

@@ -6,7 +6,7 @@ import argparse
 import math
 from typing import TYPE_CHECKING
 
-from foe.cli.common import add_model_args, at_least, float_in
+from foe.cli.common import add_dtype_arg, add_model_args, at_least, float_in
 
 if TYPE_CHECKING:
     from foe.config import ModelConfig
@@ -37,6 +37,7 @@ def register(commands: argparse._SubParsersAction, bench: argparse._SubParsersAc
                                         "logprobs, echo), /v1/chat/completions (with --chat-template), "
                                         "/v1/models, /health, /metrics (Prometheus).")
     add_model_args(p)
+    add_dtype_arg(p)
     _add_engine_args(p)
     g = p.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
@@ -61,6 +62,7 @@ def register(commands: argparse._SubParsersAction, bench: argparse._SubParsersAc
                          description="Tokens/s of the engine at saturation against the same requests served one "
                                      "after another and in static batches, in one run; prints ratios.")
     add_model_args(b, default_preset="small")
+    add_dtype_arg(b)
     _add_engine_args(b)
     b.add_argument("--num-requests", type=positive_int, default=24)
     b.add_argument("--prompt-len", default="16:128", help="prompt length range lo:hi (default 16:128)")
@@ -82,12 +84,14 @@ def _range(s: str, name: str) -> tuple[int, int]:
     return lo, hi
 
 
-def _scheduler_config(args: argparse.Namespace, model_cfg: ModelConfig, dp_size: int) -> SchedulerConfig:
+def _scheduler_config(args: argparse.Namespace, model_cfg: ModelConfig, dp_size: int, dtype_bytes: int
+                      ) -> SchedulerConfig:
+    """dtype_bytes: bytes per element of the KV cache (the model's dtype)."""
     from foe.engine.scheduler import SchedulerConfig
     num_blocks = args.num_blocks
     if num_blocks is None:
         per_seq = -(-model_cfg.max_seq_len // args.block_size)
-        block_bytes = model_cfg.kv_bytes_per_token(4) * args.block_size
+        block_bytes = model_cfg.kv_bytes_per_token(dtype_bytes) * args.block_size
         num_blocks = max(per_seq, min(args.max_num_seqs * per_seq, (1 << 30) // block_bytes))
     return SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                            num_blocks=num_blocks, block_size=args.block_size, dp_size=dp_size,
@@ -95,7 +99,7 @@ def _scheduler_config(args: argparse.Namespace, model_cfg: ModelConfig, dp_size:
 
 
 def serve(args: argparse.Namespace) -> int:
-    from foe.cli.common import config_from_args
+    from foe.cli.common import config_from_args, dtype_from_args
     from foe.engine.chat import ChatTemplate, chat_settings
     from foe.engine.launch import serve_forever
     from foe.engine.server import ServerConfig
@@ -107,15 +111,17 @@ def serve(args: argparse.Namespace) -> int:
     dims = ParallelDims(strategy, world_size=args.nproc, ranks_per_group=args.ranks_per_group,
                         ranks_per_node=args.ranks_per_node)
     dims.validate(model_cfg)
-    spec = ModelSpec(checkpoint=args.checkpoint, config=None if args.checkpoint else model_cfg, seed=args.seed)
+    dtype = dtype_from_args(args)
+    spec = ModelSpec(checkpoint=args.checkpoint, config=None if args.checkpoint else model_cfg, seed=args.seed,
+                     dtype=dtype)
     # the template (from the file or the checkpoint's tokenizer_config.json) compiles before anything loads
     chat, bos, eos = chat_settings(args.checkpoint, args.chat_template)
     if chat is not None:
         ChatTemplate(chat)
     server_cfg = ServerConfig(model_name=args.served_model_name or f"foe-{model_cfg.arch}", host=args.host,
                               port=args.port, chat_template=chat, bos_token=bos, eos_token=eos)
-    return serve_forever(spec, dims, _scheduler_config(args, model_cfg, dims.dp_size), server_cfg,
-                         args.drain_timeout)
+    scheduler_cfg = _scheduler_config(args, model_cfg, dims.dp_size, dtype.itemsize)
+    return serve_forever(spec, dims, scheduler_cfg, server_cfg, args.drain_timeout)
 
 
 def bench_engine(args: argparse.Namespace) -> int:
@@ -125,7 +131,7 @@ def bench_engine(args: argparse.Namespace) -> int:
     cfg = EngineBenchConfig(num_requests=args.num_requests, prompt_len=_range(args.prompt_len, "--prompt-len"),
                             output_len=_range(args.output_len, "--output-len"), static_batch=args.static_batch,
                             seed=args.seed, repeats=args.repeats)
-    result = run_engine_bench(model, _scheduler_config(args, model.cfg, 1), cfg)
+    result = run_engine_bench(model, _scheduler_config(args, model.cfg, 1, model.embed.weight.itemsize), cfg)
     print_report(result)
     if args.json:
         import json

@@ -12,8 +12,8 @@ import math
 import sys
 from pathlib import Path
 
-from foe.cli.common import (GIVEN, add_model_args, at_least, check_output, config_from_args, float_in,
-                            model_from_args, number_list, remember_given, tokenizer_from_args)
+from foe.cli.common import (GIVEN, add_dtype_arg, add_model_args, at_least, check_output, config_from_args,
+                            float_in, model_from_args, number_list, remember_given, tokenizer_from_args)
 
 TASK_HELP = ("multiple-choice task, repeatable: NAME (built-in smoke-test set) or NAME=PATH (jsonl in the HF "
              "dataset's schema); names: arc_easy boolq copa hellaswag piqa sciq, or 'all' (default)")
@@ -102,6 +102,7 @@ def register(commands: argparse._SubParsersAction, bench: argparse._SubParsersAc
                                         "split of --data and lm-eval-style acc/acc_norm on multiple-choice tasks.",
                             epilog=EVAL_EXAMPLES, formatter_class=raw)
     add_model_args(p)
+    add_dtype_arg(p)
     p.add_argument("--task", action="append", metavar="NAME[=PATH]", help=TASK_HELP)
     p.add_argument("--data", action="append", metavar="SRC",
                    help="text for perplexity (default: the run's training data; builtin for a checkpoint "

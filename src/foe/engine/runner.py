@@ -13,6 +13,7 @@ import torch
 
 from foe.engine.kv_cache import KVPool, PagedKVCache
 from foe.engine.request import RowPlan, StepPlan
+from foe.model.precision import upcast
 from foe.model.transformer import Transformer
 
 # A step whose padded batch would be more than this many times its real tokens runs as two forwards
@@ -74,13 +75,13 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, rows: list[RowPlan]) -> torch.Tensor:
         """Run one forward over `rows` (may be empty: ranks of an expert-parallel model must still take
-        part in every layer's collectives). Returns float32 logits [N, V], N = sum of rows' num_logits,
-        in row order."""
+        part in every layer's collectives). Returns logits [N, V] in at least float32 (float64 for a float64
+        model), N = sum of rows' num_logits, in row order."""
         t = self.prepare(rows)
         cache = PagedKVCache(self.pool, t["slots_BL"], t["key_slots_BS"])
         out = self.model(t["input_ids_BL"], pos_BL=t["pos_BL"], cache=cache, token_mask_BL=t["token_mask_BL"],
                          logits_at=t["logits_at"])
-        return out.logits.float()
+        return upcast(out.logits)
 
     def execute_plan(self, plan: StepPlan, dp_rank: int = 0) -> torch.Tensor:
         """This rank's part of a step: logits of shard `dp_rank`'s rows, in row order."""

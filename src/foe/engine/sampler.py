@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from foe.model.precision import upcast
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -29,7 +31,7 @@ class SamplingParams:
 
 def filtered_logprobs(logits_V: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     """Log-probabilities after temperature, top-k and top-p; excluded tokens get -inf."""
-    x = logits_V.float() / max(p.temperature, 1e-6)
+    x = upcast(logits_V) / max(p.temperature, 1e-6)
     if p.top_k and p.top_k < x.shape[-1]:
         kth = torch.topk(x, p.top_k).values[..., -1:]
         x = x.masked_fill(x < kth, float("-inf"))
@@ -64,7 +66,7 @@ def token_logprobs(logits_NV: torch.Tensor, token_ids_N: torch.Tensor, top_n: in
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Raw model log-probabilities (no temperature or filtering) of the given tokens, plus the top_n
     alternatives of each row: (chosen_N, top_logprobs_Nn, top_ids_Nn)."""
-    lp = logits_NV.float().log_softmax(-1)
+    lp = upcast(logits_NV).log_softmax(-1)
     chosen = lp.gather(1, token_ids_N.view(-1, 1)).squeeze(1)
     top = torch.topk(lp, top_n, dim=-1) if top_n > 0 else None
     empty = lp.new_zeros(lp.shape[0], 0)

@@ -42,22 +42,21 @@ _NOOP, _STOP = "noop", "stop"
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """How every rank builds the same full model: a checkpoint, or a config and a seed."""
+    """How every rank builds the same full model: a checkpoint, or a config and a seed; in `dtype` (None:
+    the checkpoint's stored dtype, float32 for random weights)."""
 
     checkpoint: str | None = None
     config: ModelConfig | None = None
     seed: int = 0
+    dtype: torch.dtype | None = None
 
     def __post_init__(self) -> None:
         if (self.checkpoint is None) == (self.config is None):
             raise ValueError("a ModelSpec needs exactly one of checkpoint and config")
 
     def build(self) -> Transformer:
-        if self.checkpoint is not None:
-            from foe.model.checkpoint import load_checkpoint
-            return load_checkpoint(self.checkpoint)
-        torch.manual_seed(self.seed)
-        return Transformer(self.config).eval()
+        from foe.model.checkpoint import build_model
+        return build_model(self.checkpoint, self.config, self.seed, self.dtype)
 
     @property
     def model_config(self) -> ModelConfig:

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from foe.model.precision import upcast
 from foe.model.transformer import Transformer
 from foe.train.trainer import load_balance  # noqa: F401  (re-exported: the study scores load with it)
 
@@ -62,7 +63,7 @@ def score_windows(model: Transformer, batches: list[tuple[torch.Tensor, torch.Te
         ctx = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
         with ctx:
             out = model(x.to(device))
-        ce = F.cross_entropy(out.logits.float().flatten(0, 1), y.to(device).flatten(), reduction="none")
+        ce = F.cross_entropy(upcast(out.logits).flatten(0, 1), y.to(device).flatten(), reduction="none")
         losses.append(ce.view(y.shape).double().mean(1).cpu())
         c = out.expert_counts.detach().double().cpu()
         counts = c if counts is None else counts + c

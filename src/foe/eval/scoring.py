@@ -16,6 +16,7 @@ from tokenizers import Tokenizer
 
 from foe.eval.heldout import mean_stderr
 from foe.eval.tasks import MCItem
+from foe.model.precision import upcast
 from foe.model.transformer import Transformer
 from foe.tokenizer import eos_id
 
@@ -61,7 +62,7 @@ def loglikelihoods(model: Transformer, tok: Tokenizer, requests: list[tuple[str,
             ids[r, :len(seq) - 1] = torch.tensor(seq[:-1])
             mask[r, :len(seq) - 1] = True
         # Right padding: causal attention never lets a real token see it, and the experts skip it.
-        logp = F.log_softmax(model(ids.to(device), token_mask_BL=mask.to(device)).logits.float(), -1).cpu()
+        logp = F.log_softmax(upcast(model(ids.to(device), token_mask_BL=mask.to(device)).logits), -1).cpu()
         for r, i in enumerate(idx):
             seq, n = prepared[i]
             # Logits at position t predict token t + 1: the continuation's n tokens are predicted by

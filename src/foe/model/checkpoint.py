@@ -11,6 +11,7 @@ checkpoint written by one user can be read by the group as the umask allows.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tempfile
@@ -18,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from foe.config import ModelConfig
@@ -147,13 +148,53 @@ def check_state(model: Transformer, state: dict[str, torch.Tensor], where: str) 
         raise CheckpointError(f"{where} does not match its config: " + ", ".join(problems))
 
 
+def _widest(dtypes: set[torch.dtype]) -> torch.dtype:
+    """The dtype that holds every one of `dtypes` exactly (float32 for none)."""
+    return functools.reduce(torch.promote_types, dtypes) if dtypes else torch.float32
+
+
+def stored_dtype(state: dict[str, torch.Tensor]) -> torch.dtype:
+    """The dtype a checkpoint's weights are stored in (the widest, should they differ)."""
+    return _widest({t.dtype for t in state.values() if t.is_floating_point()})
+
+
+# safetensors' names of the floating-point dtypes a checkpoint may hold
+_SAFETENSORS_FLOATS = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
+
+def checkpoint_dtype(directory: str | Path) -> torch.dtype:
+    """`stored_dtype` of a checkpoint, read from the safetensors header without loading the weights."""
+    path = Path(directory) / WEIGHTS_FILE
+    try:
+        with safe_open(path, framework="pt") as f:
+            names = {f.get_slice(k).get_dtype() for k in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path} is missing, corrupt or truncated ({e})") from None
+    return _widest({_SAFETENSORS_FLOATS[n] for n in names if n in _SAFETENSORS_FLOATS})
+
+
 def load_checkpoint(directory: str | Path, dtype: torch.dtype | None = None,
                     device: str | torch.device = "cpu", expert_impl: str = "grouped_mm") -> Transformer:
-    """Build the model from config.json and load model.safetensors into it, exactly."""
+    """Build the model from config.json and load model.safetensors into it, exactly: the model is in
+    `dtype` (None: the stored dtype) before the weights are copied in, so each stored value is
+    converted once, and not at all when the dtypes agree (a float64 checkpoint loads bit for bit)."""
     cfg = load_config(directory)
     state = load_state(directory)
-    model = Transformer(cfg, expert_impl=expert_impl)
+    model = Transformer(cfg, expert_impl=expert_impl).to(dtype=dtype or stored_dtype(state))
     check_state(model, state, str(Path(directory) / WEIGHTS_FILE))
     model.load_state_dict(state, strict=not cfg.tie_embeddings)
-    model.to(device=device, dtype=dtype)
+    model.to(device=device)
     return model.eval()
+
+
+def build_model(checkpoint: str | Path | None, config: ModelConfig | None = None, seed: int = 0,
+                dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> Transformer:
+    """The model of `checkpoint`, or (checkpoint None) `config` with random weights drawn from `seed`; in
+    eval mode and in `dtype` (None: the stored dtype; float32 for random weights, which are drawn in
+    float32 so that a seed gives the same model in every dtype, up to rounding)."""
+    if checkpoint is not None:
+        return load_checkpoint(checkpoint, dtype=dtype, device=device)
+    if config is None:
+        raise ValueError("build_model needs a checkpoint or a config")
+    torch.manual_seed(seed)
+    return Transformer(config).to(device=device, dtype=dtype or torch.float32).eval()

@@ -5,6 +5,9 @@ rows are grouped by expert, with counts_E rows per expert. Two implementations c
 `grouped_mm` (the fast path: one grouped matrix product per projection, or for large inference batches
 one expert at a time written into the output, whichever is faster for the shape) and `loop` (a Python
 loop over experts on contiguous slices; the readable reference the tests compare against).
+
+torch._grouped_mm takes only float32, bf16 and fp16; in other dtypes (float64) the fast path computes
+every batch expert by expert (streamed without gradients, the loop with them).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ EXPERT_IMPLS = ("grouped_mm", "loop")
 # The fast path computes inference batches with at least this many rows per expert on average
 # expert by expert (`_streamed`), and everything else (training, small batches) with `_grouped_mm`.
 STREAM_MIN_ROWS_PER_EXPERT = 128
+GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what torch._grouped_mm accepts
 
 
 class GroupedExperts(nn.Module):
@@ -39,7 +43,10 @@ class GroupedExperts(nn.Module):
         if self.impl == "loop":
             return self._loop(x_RD, counts_E)
         grad = torch.is_grad_enabled() and (x_RD.requires_grad or self.w13.requires_grad)
-        if not grad and x_RD.shape[0] >= STREAM_MIN_ROWS_PER_EXPERT * self.num_experts:
+        grouped = x_RD.dtype in GROUPED_MM_DTYPES
+        if grad and not grouped:
+            return self._loop(x_RD, counts_E)
+        if not grad and (not grouped or x_RD.shape[0] >= STREAM_MIN_ROWS_PER_EXPERT * self.num_experts):
             return self._streamed(x_RD, counts_E)
         offs = torch.cumsum(counts_E, 0).to(torch.int32)
         h = torch._grouped_mm(x_RD, self.w13.to(x_RD.dtype), offs=offs)

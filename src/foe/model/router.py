@@ -11,10 +11,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from foe.model.precision import upcast
+
 
 @dataclass
 class RouterOutput:
-    weights_GTA: torch.Tensor  # gate weight of each chosen expert (float32)
+    weights_GTA: torch.Tensor  # gate weight of each chosen expert (at least float32: `compute_dtype`)
     experts_GTA: torch.Tensor  # module-global expert id, int64
     counts_E: torch.Tensor  # tokens routed to each expert of this module, int64
     aux_loss: torch.Tensor  # Switch load-balancing loss, mean over routing domains (0 in eval mode)
@@ -35,7 +37,8 @@ class TopKRouter(nn.Module):
         # Scores are computed as [G, e, T] (W^T x^T), and softmax/top-k reduce over dim 1: with few
         # experts per group (FoE) a [G, T, e] product and last-dim reductions over e are 5-20x slower
         # on CPU (tiny inner dimension); with many (MoE) both layouts cost the same.
-        logits_GeT = torch.bmm(self.weight.transpose(1, 2).to(x_GTD.dtype), x_GTD.transpose(1, 2)).float()
+        # softmax, top-k and gate weights in at least float32
+        logits_GeT = upcast(torch.bmm(self.weight.transpose(1, 2).to(x_GTD.dtype), x_GTD.transpose(1, 2)))
         probs_GeT = logits_GeT.softmax(1) if self.score == "softmax" else logits_GeT.sigmoid()
         # top-1 (FoE's usual top_k / G) as max: the same choice, ~5x faster than topk on CPU.
         weights_GAT, local_GAT = probs_GeT.max(1, keepdim=True) if A == 1 else probs_GeT.topk(A, dim=1)
@@ -48,7 +51,7 @@ class TopKRouter(nn.Module):
             # Switch Transformer balance loss per domain: e * sum_j f_j * P_j, f = share of routed slots,
             # P = mean routing probability (normalised to a distribution for sigmoid scores).
             dist = probs_GeT if self.score == "softmax" else probs_GeT / probs_GeT.sum(1, keepdim=True).clamp_min(1e-20)
-            frac = counts_Ge.float() / (T * A)
+            frac = counts_Ge.to(dist.dtype) / (T * A)
             aux = (e * (frac * dist.mean(2)).sum(-1)).mean()
             z = torch.logsumexp(logits_GeT, 1).pow(2).mean()
         offset = torch.arange(G, device=x_GTD.device).view(G, 1, 1) * e

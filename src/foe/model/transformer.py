@@ -13,6 +13,7 @@ from foe.model.foe import FoEBlock
 from foe.model.kv_cache import DenseKVCache, KVCache
 from foe.model.layers import RMSNorm, Rotary
 from foe.model.moe import MoEBlock
+from foe.model.precision import compute_dtype
 
 
 @dataclass
@@ -51,7 +52,7 @@ class Transformer(nn.Module):
         B, L = input_ids_BL.shape
         if pos_BL is None:
             pos_BL = torch.arange(L, device=input_ids_BL.device).expand(B, L)
-        cos, sin = self.rotary.tables(pos_BL)
+        cos, sin = self.rotary.tables(pos_BL, compute_dtype(self.embed.weight.dtype))
         ctx = LayerInputs(cos, sin, pos_BL, cache, token_mask_BL)
         s = self.embed(input_ids_BL)
         p = None
