@@ -1,0 +1,26 @@
+"""vLLM plugin: serve `foe` checkpoints (MoE and FoE, every sync mode) with vLLM, without conversion.
+
+vLLM loads this through the `vllm.general_plugins` entry point in pyproject.toml, in every vLLM
+process, before it reads a model's config:
+
+    python -m vllm.entrypoints.openai.api_server --model runs/cq/foe --dtype float32 --enforce-eager
+
+`register()` does two things: it registers model_type "foe" with transformers (`foe.hf`), so that vLLM
+can read our config.json as a Hugging Face config, and it registers the architecture our config.json
+declares ("FoEForCausalLM") with vLLM's ModelRegistry. The class is named as a string so that vLLM
+imports it (and vLLM's layers) only in the processes that build the model.
+
+Nothing here is imported by the rest of `foe`; vLLM is an optional extra (`pip install foe[vllm]`).
+"""
+
+from __future__ import annotations
+
+ARCHITECTURE = "FoEForCausalLM"  # what `foe.model.checkpoint.config_to_hf` writes into config.json
+
+
+def register() -> None:
+    import foe.hf  # noqa: F401  (registers model_type "foe" with transformers' AutoConfig)
+    from vllm import ModelRegistry
+
+    if ARCHITECTURE not in ModelRegistry.get_supported_archs():
+        ModelRegistry.register_model(ARCHITECTURE, "foe.vllm.model:FoEForCausalLM")
