@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 pytest.importorskip("vllm", reason="vLLM is not installed (pip install foe[vllm]; see docs/vllm.md)")
 
@@ -41,7 +42,7 @@ CASES = [("moe", "attention", 16), ("moe", "attention", 32), ("foe", "attention"
 
 def make_checkpoint(directory: Path, arch: str, sync: str, head_dim: int) -> Path:
     """A small random model with weights large enough that greedy choices are not near-ties, and
-    per-group norms that differ, saved as `foe` writes checkpoints (plus the byte-level tokenizer)."""
+    per-group norms that differ, saved as `foe train` writes checkpoints (with the byte-level tokenizer)."""
     cfg = ModelConfig(arch=arch, sync=sync, vocab_size=320, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2,
                       head_dim=head_dim, n_experts=8, top_k=2, expert_hidden=64, max_seq_len=256, init_std=0.08)
     torch.manual_seed(0)
@@ -52,6 +53,8 @@ def make_checkpoint(directory: Path, arch: str, sync: str, head_dim: int) -> Pat
                 p.uniform_(0.5, 1.5)
     save_checkpoint(model, directory)
     save_tokenizer(byte_level_tokenizer(), directory)
+    # as in a `foe train` checkpoint: a second safetensors file that is not weights (vLLM must skip it)
+    save_file({"state.0.exp_avg": torch.zeros(3)}, str(directory / "optimizer.safetensors"))
     return directory
 
 

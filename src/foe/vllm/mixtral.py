@@ -29,22 +29,13 @@ from vllm.logger import init_logger
 from vllm.model_executor.models.mixtral import MixtralForCausalLM
 
 from foe.config import ModelConfig
+from foe.model.checkpoint import WEIGHTS_FILE
 
 logger = init_logger("vllm.foe")  # under vLLM's logger, which vLLM configures in every process
 
 
 def mixtral_compatible(cfg: ModelConfig) -> bool:
     return cfg.arch == "moe" and cfg.router_score == "softmax" and cfg.router_renorm
-
-
-def add_mixtral_fields(hf_config: object, cfg: ModelConfig) -> None:
-    """Give our config the fields vLLM's Mixtral reads under Mixtral's names (the shared ones, such as
-    hidden_size and num_experts_per_tok, FoEConfig already maps)."""
-    hf_config.num_local_experts = cfg.n_experts
-    hf_config.intermediate_size = cfg.expert_hidden
-    hf_config.rms_norm_eps = cfg.norm_eps
-    hf_config.rope_parameters = {"rope_type": "default", "rope_theta": cfg.rope_theta}
-    hf_config.tie_word_embeddings = cfg.tie_embeddings
 
 
 def mixtral_weights(cfg: ModelConfig, weights: Iterable[tuple[str, torch.Tensor]]
@@ -87,9 +78,11 @@ def mixtral_weights(cfg: ModelConfig, weights: Iterable[tuple[str, torch.Tensor]
 
 
 class FoEMixtralForCausalLM(MixtralForCausalLM):
+    allow_patterns_overrides = [WEIGHTS_FILE]  # not a training checkpoint's optimizer.safetensors
+
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        # the config answers to Mixtral's field names already (foe.vllm.config)
         cfg = vllm_config.model_config.hf_config.to_model_config()
-        add_mixtral_fields(vllm_config.model_config.hf_config, cfg)
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         self.foe_config = cfg
         logger.info("foe: MoE checkpoint built as FoEMixtralForCausalLM (vLLM's Mixtral)")

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from foe.model.block import LayerInputs
+from foe.model.checkpoint import WEIGHTS_FILE
 from foe.model.precision import compute_dtype
 from foe.model.transformer import Transformer
 from foe.vllm.attention import PagedGroupedAttention
@@ -38,6 +39,10 @@ class FoEForCausalLM(nn.Module):
     """The architecture every foe config.json declares, for both `arch`s. A MoE whose router is
     Mixtral's becomes vLLM's own Mixtral (`foe.vllm.mixtral`), where vLLM's attention takes the head
     size; everything else (FoE, other MoE routers) is built here."""
+
+    # vLLM would read every *.safetensors in the directory: a `foe train` checkpoint also holds
+    # optimizer.safetensors. Read only the model's file (`foe.model.checkpoint.WEIGHTS_FILE`).
+    allow_patterns_overrides = [WEIGHTS_FILE]
 
     def __new__(cls, *, vllm_config: VllmConfig, prefix: str = "") -> nn.Module:
         cfg = vllm_config.model_config.hf_config.to_model_config()
