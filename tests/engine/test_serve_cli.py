@@ -35,6 +35,10 @@ def no_model(monkeypatch):
     (["--arch", "moe", "--strategy", "gp", "--nproc", "2"], "MOE"),
     (["--arch", "foe", "--strategy", "none", "--nproc", "2"], "one process"),
     (["--arch", "moe", "--strategy", "ep", "--nproc", "3"], "divisible"),
+    # several nodes: world = nnodes x nproc, and a node holds --nproc ranks
+    (["--arch", "foe", "--strategy", "gp", "--nnodes", "2", "--nproc", "2"], "gp over 4 ranks"),
+    (["--arch", "foe", "--strategy", "gp", "--nnodes", "2", "--node-rank", "2"], "node rank must be in 0..1"),
+    (["--arch", "foe", "--strategy", "gp", "--nnodes", "2", "--ranks-per-node", "2"], "drop --ranks-per-node"),
 ])
 def test_impossible_launch_is_a_clear_error(argv: list[str], message: str, capsys, no_model) -> None:
     assert main(["serve", "--preset", "tiny", *argv]) == 2
@@ -50,6 +54,8 @@ def test_impossible_launch_is_a_clear_error(argv: list[str], message: str, capsy
     ("--nproc", "0", "must be >= 1"),
     ("--port", "99999", "must be in 0..65535"),
     ("--port", "-1", "must be in 0..65535"),
+    ("--node-rank", "-1", "must be >= 0"),
+    ("--master-port", "70000", "must be in 0..65535"),
 ])
 def test_bad_sizes_are_argparse_errors(flag: str, value: str, message: str, capsys) -> None:
     with pytest.raises(SystemExit) as e:

@@ -36,13 +36,16 @@ from foe.engine.scheduler import SchedulerConfig
 from foe.engine.server import DrainGate, ServerConfig, build_app
 from foe.engine.worker import DistributedExecutor, ModelSpec
 from foe.parallel import ParallelDims
+from foe.parallel.launch import Rendezvous
 from foe.tokenizer import load_tokenizer
 
 EXIT_GRACE_S = 3.0
 DRAIN_TIMEOUT_S = 30.0  # Kubernetes' default grace period before its SIGKILL
 
 
-def build_engine(spec: ModelSpec, dims: ParallelDims, cfg: SchedulerConfig) -> LLMEngine:
+def build_engine(spec: ModelSpec, dims: ParallelDims, cfg: SchedulerConfig, rdzv: Rendezvous | None = None
+                 ) -> LLMEngine:
+    """rdzv: where the ranks meet (default: dims.world_size local ranks)."""
     model_cfg = spec.model_config
     dims.validate(model_cfg)
     if cfg.dp_size != dims.dp_size:
@@ -50,7 +53,7 @@ def build_engine(spec: ModelSpec, dims: ParallelDims, cfg: SchedulerConfig) -> L
     if dims.world_size == 1:
         executor = LocalExecutor(spec.build(), cfg.num_blocks, cfg.block_size)
     else:
-        executor = DistributedExecutor(spec, dims, cfg.num_blocks, cfg.block_size)
+        executor = DistributedExecutor(spec, dims, cfg.num_blocks, cfg.block_size, rdzv)
     return LLMEngine(executor, cfg, model_cfg, load_tokenizer(spec.checkpoint))
 
 
@@ -132,10 +135,10 @@ def _wire_failure(engine: LLMEngine, async_engine: AsyncEngine) -> None:
 
 
 def serve_forever(spec: ModelSpec, dims: ParallelDims, cfg: SchedulerConfig, server_cfg: ServerConfig,
-                  drain_timeout_s: float = DRAIN_TIMEOUT_S) -> int:
+                  drain_timeout_s: float = DRAIN_TIMEOUT_S, rdzv: Rendezvous | None = None) -> int:
     sock = bind_socket(server_cfg.host, server_cfg.port)
     try:
-        engine = build_engine(spec, dims, cfg)
+        engine = build_engine(spec, dims, cfg, rdzv)
     except BaseException:
         sock.close()
         raise

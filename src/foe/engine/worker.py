@@ -11,13 +11,18 @@ executor call `on_failure` (the server then answers 503 and exits). Collectives 
 timeout, and an idle rank 0 sends a heartbeat so that idle workers never hit it. Workers ignore SIGINT and
 SIGTERM (Ctrl-C and systemd signal the whole process group): rank 0 drains, then stops them; they exit
 with it if it dies.
+
+Several nodes (`Rendezvous`, torchrun's conventions): node 0 runs rank 0 and its local ranks as above; node
+k > 0 runs `serve_node`, a supervisor of its own ranks. It reports a rank that died to rank 0 through the
+rendezvous store (so the 503 names the rank and host), and stops its ranks and exits when rank 0's store
+goes away (the job ended).
 """
 
 from __future__ import annotations
 
-import datetime
 import os
 import signal
+import sys
 import threading
 import time
 import traceback
@@ -34,9 +39,11 @@ from foe.engine.request import StepPlan
 from foe.engine.runner import ModelRunner
 from foe.model.transformer import Transformer
 from foe.parallel import ParallelDims, parallelize
-from foe.parallel.launch import free_port
+from foe.parallel.launch import Rendezvous, connect_store, join_group, threads_per_rank
 
 HEARTBEAT_S = 5.0
+EXIT_WAIT_S = 5.0  # a node's ranks, after rank 0 has gone, to exit on their own before being killed
+DEAD_KEY = "foe/dead"  # in the rendezvous store: a node's supervisor reports a dead rank to rank 0
 _NOOP, _STOP = "noop", "stop"
 
 
@@ -71,8 +78,8 @@ def _run_shard(runner: ModelRunner, dims: ParallelDims, rank: int, plan: StepPla
 
 
 def _exit_with_parent() -> None:
-    """A worker whose server died (even by SIGKILL, which runs no clean-up) exits at once instead of
-    waiting for the collective timeout."""
+    """A worker whose server (or node supervisor) died, even by SIGKILL, which runs no clean-up, exits at
+    once instead of waiting for the collective timeout."""
     parent = os.getppid()
 
     def watch() -> None:
@@ -83,14 +90,22 @@ def _exit_with_parent() -> None:
     threading.Thread(target=watch, name="foe-parent-watch", daemon=True).start()
 
 
-def _worker_main(rank: int, dims: ParallelDims, port: int, spec: ModelSpec, num_blocks: int, block_size: int,
-                 threads: int, timeout_s: float) -> None:
+def _worker_main(rank: int, dims: ParallelDims, rdzv: Rendezvous, spec: ModelSpec, num_blocks: int,
+                 block_size: int, threads: int) -> None:
     _exit_with_parent()
     for sig in (signal.SIGINT, signal.SIGTERM):  # rank 0 decides when to stop (a broadcast _STOP)
         signal.signal(sig, signal.SIG_IGN)
     torch.set_num_threads(threads)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=dims.world_size, timeout=datetime.timedelta(seconds=timeout_s))
+    try:
+        _serve_rank(rank, dims, rdzv, spec, num_blocks, block_size)
+    except (RuntimeError, ConnectionError) as e:  # a peer died or never came: the supervisor says which
+        print(f"foe rank {rank}: {type(e).__name__}: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
+
+
+def _serve_rank(rank: int, dims: ParallelDims, rdzv: Rendezvous, spec: ModelSpec, num_blocks: int,
+                block_size: int) -> None:
+    join_group(rdzv, rank)
     model = spec.build()
     parallelize(model, dims, rank)
     runner = ModelRunner(model, num_blocks, block_size)
@@ -107,48 +122,95 @@ def _worker_main(rank: int, dims: ParallelDims, port: int, spec: ModelSpec, num_
     dist.destroy_process_group()
 
 
+class LocalRanks:
+    """This node's worker ranks: spawned processes that exit with the process that started them."""
+
+    def __init__(self, ranks: range, dims: ParallelDims, rdzv: Rendezvous, spec: ModelSpec, num_blocks: int,
+                 block_size: int, threads: int) -> None:
+        self.host = rdzv.host() if rdzv.nnodes > 1 else "this host"
+        ctx = mp.get_context("spawn")
+        self.procs = {r: ctx.Process(target=_worker_main, daemon=True, name=f"foe-rank{r}",
+                                     args=(r, dims, rdzv, spec, num_blocks, block_size, threads)) for r in ranks}
+        for proc in self.procs.values():
+            proc.start()
+
+    def dead(self, clean_too: bool = False) -> str | None:
+        """Which ranks have exited (with an error code, unless clean_too), e.g. "worker rank 1 (pid 42) on
+        h (10.0.0.2) exited with code -9"."""
+        return ", ".join(f"worker rank {r} (pid {p.pid}) on {self.host} exited with code {p.exitcode}"
+                         for r, p in self.procs.items()
+                         if p.exitcode is not None and (clean_too or p.exitcode != 0)) or None
+
+    def all_exited_cleanly(self) -> bool:
+        return all(p.exitcode == 0 for p in self.procs.values())
+
+    def kill(self) -> None:
+        for proc in self.procs.values():
+            if proc.is_alive():
+                proc.kill()  # they ignore SIGTERM
+            proc.join(timeout=5)  # reap, so no zombie outlives us
+
+
+def _store_says_dead(store: dist.TCPStore | None) -> str | None:
+    """A death another node's supervisor reported in the rendezvous store."""
+    try:
+        if store is not None and store.check([DEAD_KEY]):
+            return store.get(DEAD_KEY).decode()
+    except Exception:  # noqa: BLE001 (the store lives in this process: only when shutting down)
+        pass
+    return None
+
+
 class DistributedExecutor:
-    """Rank 0's side. Starts ranks 1..P-1 as local processes and joins them as rank 0."""
+    """Rank 0's side. Starts this node's other ranks (1..nproc-1) as local processes and joins the job as
+    rank 0; on several nodes, their supervisors (`serve_node`) start theirs."""
 
     def __init__(self, spec: ModelSpec, dims: ParallelDims, num_blocks: int, block_size: int,
-                 timeout_s: float = 120.0, threads_per_rank: int | None = None) -> None:
+                 rdzv: Rendezvous | None = None, threads: int | None = None) -> None:
+        rdzv = (rdzv or Rendezvous(nproc=dims.world_size)).with_port()
+        if rdzv.world_size != dims.world_size or rdzv.node_rank != 0:
+            raise ValueError(f"rank 0 runs on node 0 of a {dims.world_size}-rank job, got {rdzv}")
         self.dims = dims
         self.on_failure: Callable[[str], None] | None = None
         self.failed: str | None = None
         self._last = time.monotonic()
         self._closed = False
-        threads = threads_per_rank or max(1, (os.cpu_count() or 1) // dims.world_size)
-        port = free_port()
-        ctx = mp.get_context("spawn")
-        self.procs = [ctx.Process(target=_worker_main, daemon=True, name=f"foe-rank{r}",
-                                  args=(r, dims, port, spec, num_blocks, block_size, threads, timeout_s))
-                      for r in range(1, dims.world_size)]
-        for p in self.procs:
-            p.start()
+        self._store: dist.TCPStore | None = None
+        threads = threads or threads_per_rank(rdzv.nproc)
+        self.ranks = LocalRanks(rdzv.local_ranks[1:], dims, rdzv, spec, num_blocks, block_size, threads)
         self._monitor = threading.Thread(target=self._watch, name="foe-rank-monitor", daemon=True)
         self._monitor.start()
         torch.set_num_threads(threads)
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0,
-                                world_size=dims.world_size, timeout=datetime.timedelta(seconds=timeout_s))
+        try:
+            join_group(rdzv, 0)
+        except BaseException:
+            self._closed = True
+            self.ranks.kill()
+            raise
+        if rdzv.nnodes > 1:
+            self._store = connect_store(rdzv)  # the monitor reads the other nodes' reports from it
         model = spec.build()
         parallelize(model, dims, 0)
         self.runner = ModelRunner(model, num_blocks, block_size)
 
     @property
     def worker_pids(self) -> list[int]:
-        return [p.pid for p in self.procs if p.pid is not None]
+        return [p.pid for p in self.ranks.procs.values() if p.pid is not None]
+
+    def _death(self) -> str | None:
+        return self.ranks.dead(clean_too=True) or _store_says_dead(self._store)
 
     def _watch(self) -> None:
         while not self._closed:
-            for r, p in enumerate(self.procs, start=1):
-                if p.exitcode is not None and not self._closed:
-                    self._fail(f"worker rank {r} (pid {p.pid}) exited with code {p.exitcode}")
-                    return
+            if (dead := self._death()) and not self._closed:
+                self._fail(dead)
+                return
             time.sleep(0.2)
 
     def _fail(self, reason: str) -> None:
         if self.failed is None:
             self.failed = reason
+            _report(self._store, reason)  # the other nodes' supervisors name it
             if self.on_failure is not None:
                 self.on_failure(reason)
             else:  # still starting up (rank 0 may be blocked in a collective): do not hang
@@ -162,13 +224,12 @@ class DistributedExecutor:
         self._last = time.monotonic()
 
     def _dead_workers(self, wait_s: float = 1.0) -> str | None:
-        """Which workers have exited (waiting a little: a collective often fails before the exit is seen)."""
+        """Which ranks have died (waiting a little: a collective often fails before the death is seen)."""
         deadline = time.monotonic() + wait_s
         while True:
-            dead = [f"worker rank {r} (pid {p.pid}) exited with code {p.exitcode}"
-                    for r, p in enumerate(self.procs, start=1) if p.exitcode is not None]
+            dead = self._death()
             if dead or time.monotonic() > deadline:
-                return ", ".join(dead) or None
+                return dead
             time.sleep(0.05)
 
     def execute(self, plan: StepPlan) -> list[torch.Tensor]:
@@ -202,14 +263,91 @@ class DistributedExecutor:
         try:
             if not self.failed:
                 self._broadcast(_STOP)
-            for p in self.procs:
+            for p in self.ranks.procs.values():
                 p.join(timeout=10)
         except Exception:  # noqa: BLE001 (shutting down anyway)
             traceback.print_exc()
         finally:
-            for p in self.procs:
-                if p.is_alive():
-                    p.terminate()
-                p.join(timeout=5)  # reap, so no zombie outlives the server
+            self.ranks.kill()
             if dist.is_initialized():
                 dist.destroy_process_group()
+
+
+def serve_node(spec: ModelSpec, dims: ParallelDims, rdzv: Rendezvous, num_blocks: int, block_size: int,
+               threads: int | None = None) -> int:
+    """Node k > 0 of a multi-node `foe serve`: start this node's ranks, which join rank 0's job, and
+    supervise them (no HTTP here). Returns 0 when the job stopped cleanly, 1 when a rank died or node 0
+    went away; a local death is reported to rank 0 through the store, so that its error names the rank."""
+    host = rdzv.host()
+    _say(f"node {rdzv.node_rank} of {rdzv.nnodes} on {host}: ranks {rdzv.local_ranks[0]}..{rdzv.local_ranks[-1]} "
+         f"of {rdzv.world_size} ({dims.describe()}); waiting for node 0 at {rdzv.endpoint} (the API is served there)")
+    store = connect_store(rdzv)
+    threads = threads or threads_per_rank(rdzv.nproc)
+    ranks = LocalRanks(rdzv.local_ranks, dims, rdzv, spec, num_blocks, block_size, threads)
+    _say(f"reached {rdzv.endpoint}; started " + ", ".join(f"rank {r} (pid {p.pid})" for r, p in ranks.procs.items()))
+    try:
+        return _supervise(ranks, store, rdzv)
+    finally:
+        ranks.kill()
+
+
+def _supervise(ranks: LocalRanks, store: dist.TCPStore, rdzv: Rendezvous) -> int:
+    gone = f"node 0 (rank 0, {rdzv.endpoint}) is gone"
+    while True:
+        if dead := ranks.dead():
+            cause = _cause(store, gone)
+            if cause is None:  # this node's rank is the first to go: tell rank 0, whose error names it
+                _report(store, dead)
+                _say(f"{dead}; stopping this node's ranks and the job")
+            else:
+                _say(f"{cause}; so {dead}; stopping this node's ranks")
+            return 1
+        if ranks.all_exited_cleanly():
+            _say("the job stopped; this node's ranks exited cleanly")
+            return 0
+        if not _store_alive(store):
+            # After a clean stop the ranks exit on their own, possibly just after rank 0: give them a moment.
+            deadline = time.monotonic() + EXIT_WAIT_S
+            while ranks.dead(clean_too=True) is None and time.monotonic() < deadline:
+                time.sleep(0.1)
+            if ranks.all_exited_cleanly():
+                _say("the job stopped; this node's ranks exited cleanly")
+                return 0
+            _say(f"{gone}; stopping this node's ranks")
+            return 1
+        time.sleep(0.2)
+
+
+def _cause(store: dist.TCPStore, gone: str, wait_s: float = 1.0) -> str | None:
+    """Why a rank here failed, if not by itself: another rank's death (its peers' collectives fail at once,
+    before that death is reported) or the end of the job. Waits a little for the report."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        if not _store_alive(store):
+            return gone
+        if reported := _store_says_dead(store):
+            return reported
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(0.05)
+
+
+def _report(store: dist.TCPStore | None, reason: str) -> None:
+    """Record the first death of the job in the store, for rank 0's error and the other nodes' messages."""
+    try:
+        if store is not None and not store.check([DEAD_KEY]):
+            store.set(DEAD_KEY, reason)
+    except Exception:  # noqa: BLE001 (the store has gone: the job is ending anyway)
+        pass
+
+
+def _store_alive(store: dist.TCPStore) -> bool:
+    try:
+        store.check([DEAD_KEY])
+        return True
+    except Exception:  # noqa: BLE001 (DistNetworkError and kin: the server has gone)
+        return False
+
+
+def _say(msg: str) -> None:
+    print(f"foe serve: {msg}", file=sys.stderr, flush=True)
