@@ -4,7 +4,8 @@ and the same top-5 logprobs at every generated position within LOGPROB_ATOL.
 Skipped unless vLLM is importable (`pip install foe[vllm]`, docs/vllm.md). Each checkpoint runs vLLM
 in its own process (`run_vllm.py`, ~35-60 s to start on a 2-core CPU): MoE and FoE in each sync mode
 at tensor parallel 1, and FoE in each sync mode at tensor parallel 2 (group parallel, one group per
-rank), where the test also reads the all-reduce count each rank logs.
+rank), where the test also reads the all-reduce count each rank logs, and the MoE on vLLM's Mixtral
+at tensor parallel 2.
 """
 
 from __future__ import annotations
@@ -119,4 +120,16 @@ def test_vllm_group_parallel_matches_foe(tmp_path: Path, sync: str) -> None:
         assert f"rank {rank}, forward 1: {ALL_REDUCES[sync]} all-reduces per forward" in log, log[-4000:]
     worst = check_against_foe(ckpt, got)
     print(f"tp 2 foe/{sync}: max |logprob difference| {worst:.2e}")
+    assert worst <= LOGPROB_ATOL
+
+
+@pytest.mark.slow
+def test_vllm_moe_tensor_parallel_matches_foe(tmp_path: Path) -> None:
+    """The MoE baseline on vLLM's Mixtral under vLLM's own tensor parallelism (heads and every expert
+    split over 2 ranks): same tokens and logprobs as foe on one process."""
+    ckpt = make_checkpoint(tmp_path / "ckpt", "moe", "attention", 32)
+    got, log = run_vllm(ckpt, tp=2)
+    assert "FoEMixtralForCausalLM" in log
+    worst = check_against_foe(ckpt, got)
+    print(f"tp 2 moe (vLLM's Mixtral): max |logprob difference| {worst:.2e}")
     assert worst <= LOGPROB_ATOL

@@ -63,7 +63,7 @@ class FoEForCausalLM(nn.Module):
         self.rank = get_tensor_model_parallel_rank() if self.world > 1 else 0
         self.cfg = vllm_config.model_config.hf_config.to_model_config()
         cfg = local_config(self.cfg, self.world)  # this rank's groups (all of them at world 1)
-        K = cfg.head_dim
+        G, K = cfg.num_groups, cfg.head_dim
         Kp = paged_head_dim(K)
         logger.info("foe: %s checkpoint (sync=%s) built as FoEForCausalLM (foe's modules, paged head size %d, "
                     "rank %d of %d holds %d of %d groups)", cfg.arch, cfg.sync, Kp, self.rank, self.world,
@@ -76,7 +76,6 @@ class FoEForCausalLM(nn.Module):
             # its prefix names its KV cache and must be unique and stable.
             paged = Attention(cfg.n_heads, Kp, K ** -0.5, num_kv_heads=cfg.n_kv_heads,
                               cache_config=vllm_config.cache_config, prefix=f"{base}.layers.{i}.attn.paged")
-            G = cfg.num_groups
             layer.attn = PagedGroupedAttention(G, cfg.d_model, cfg.n_heads // G, cfg.n_kv_heads // G, K, paged, Kp)
             if self.world > 1:
                 layer.reduce = AllReduceGroupSum(self.collectives)
