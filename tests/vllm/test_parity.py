@@ -41,11 +41,12 @@ CASES = [("moe", "attention", 16), ("moe", "attention", 32), ("foe", "attention"
          ("foe", "both", 16), ("foe", "attention", 32)]
 
 
-def make_checkpoint(directory: Path, arch: str, sync: str, head_dim: int) -> Path:
+def make_checkpoint(directory: Path, arch: str, sync: str, head_dim: int, tie_embeddings: bool = False) -> Path:
     """A small random model with weights large enough that greedy choices are not near-ties, and
     per-group norms that differ, saved as `foe train` writes checkpoints (with the byte-level tokenizer)."""
     cfg = ModelConfig(arch=arch, sync=sync, vocab_size=320, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2,
-                      head_dim=head_dim, n_experts=8, top_k=2, expert_hidden=64, max_seq_len=256, init_std=0.08)
+                      head_dim=head_dim, n_experts=8, top_k=2, expert_hidden=64, max_seq_len=256, init_std=0.08,
+                      tie_embeddings=tie_embeddings)
     torch.manual_seed(0)
     model = Transformer(cfg).eval()
     with torch.no_grad():
@@ -132,4 +133,15 @@ def test_vllm_moe_tensor_parallel_matches_foe(tmp_path: Path) -> None:
     assert "FoEMixtralForCausalLM" in log
     worst = check_against_foe(ckpt, got)
     print(f"tp 2 moe (vLLM's Mixtral): max |logprob difference| {worst:.2e}")
+    assert worst <= LOGPROB_ATOL
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch,head_dim", [("moe", 32), ("foe", 16)])
+def test_vllm_tied_embeddings_match_foe(tmp_path: Path, arch: str, head_dim: int) -> None:
+    """A checkpoint with a tied head stores no head.weight: both vLLM models must tie it themselves."""
+    ckpt = make_checkpoint(tmp_path / "ckpt", arch, "attention", head_dim, tie_embeddings=True)
+    got, _ = run_vllm(ckpt)
+    worst = check_against_foe(ckpt, got)
+    print(f"tp 1 {arch} tied embeddings: max |logprob difference| {worst:.2e}")
     assert worst <= LOGPROB_ATOL
