@@ -4,7 +4,8 @@ Same weights and math as `foe.model.attention.GroupedAttention` (it is a subclas
 their names, so checkpoints load as they are); only the attention over past tokens changes, from SDPA
 on a dense cache to vLLM's `Attention` layer, which owns the paged KV cache and the batch metadata.
 
-vLLM flattens the batch: the input is [G or 1, 1, T, D] for T tokens of all scheduled sequences.
+vLLM flattens the batch: the input is [G, 1, T, D] (the group norms have broadcast a shared stream)
+for the T tokens of all scheduled sequences.
 Each group projects its own input (FoE's per-group residual streams) to its Q query heads and H KV
 heads; the groups' heads are then laid side by side, group-major, so that one vLLM attention call with
 n_heads query and n_kv_heads KV heads covers all groups: query head g*Q+i reads KV head
@@ -16,7 +17,8 @@ paged attention then runs at a padded head size: q, k and v get zero columns, wh
 q.k (the softmax scale stays 1/sqrt(K) of the real size) and come out as zero columns of the output,
 dropped before `wo`. Exact, at the cost of a KV cache as large as the padded size.
 
-Tensor parallelism is not handled here: the module holds all G groups (tensor parallel size 1).
+No communication here: under group parallel (`group_parallel.py`) the module simply holds this rank's
+groups, and vLLM's KV cache for it holds only their KV heads.
 """
 
 from __future__ import annotations
