@@ -8,17 +8,14 @@ is the unit a bootstrap over windows would resample; treating tokens as independ
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from foe.model.precision import upcast
 from foe.model.transformer import Transformer
-from foe.train.trainer import load_balance  # noqa: F401  (re-exported: the study scores load with it)
+from foe.train.trainer import forward_losses
 
 Z95 = 1.959964  # two-sided 95% normal quantile
 
@@ -50,22 +47,15 @@ class HeldOutScore:
                 "val_windows": len(self.window_losses)}
 
 
-@torch.no_grad()
 def score_windows(model: Transformer, batches: list[tuple[torch.Tensor, torch.Tensor]], bf16: bool = False
                   ) -> HeldOutScore:
     """Per-window losses and the expert load of `model` over (inputs_BL, targets_BL) batches."""
     if not batches:
         raise ValueError("no held-out windows to score: the held-out text is shorter than one window")
-    model.eval()
-    device = next(model.parameters()).device
     losses, counts, tokens = [], None, 0
-    for x, y in batches:
-        ctx = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-        with ctx:
-            out = model(x.to(device))
-        ce = F.cross_entropy(upcast(out.logits).flatten(0, 1), y.to(device).flatten(), reduction="none")
-        losses.append(ce.view(y.shape).double().mean(1).cpu())
+    for ce, out in forward_losses(model, batches, bf16):
+        losses.append(ce.double().mean(1).cpu())
         c = out.expert_counts.detach().double().cpu()
         counts = c if counts is None else counts + c
-        tokens += y.numel()
+        tokens += ce.numel()
     return HeldOutScore(torch.cat(losses), counts, tokens)

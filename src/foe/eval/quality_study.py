@@ -33,7 +33,7 @@ from typing import Any
 from foe.config import ModelConfig
 from foe.eval.harness import evaluate_tasks, mean_accuracy
 from foe.eval.heldout import score_windows
-from foe.eval.quality_report import plot_study
+from foe.eval.quality_report import ARCHS, LABEL, plot_study
 from foe.eval.stats import t_interval
 from foe.model.checkpoint import atomic_write, load_checkpoint, load_config
 from foe.tokenizer import load_tokenizer
@@ -43,8 +43,6 @@ from foe.train.data import PackedData, read_documents, split_documents, tokenize
 from foe.train.run import read_log, run_training
 from foe.train.trainer import load_balance
 
-ARCHS = ("moe", "foe")
-LABEL = {"moe": "MoE", "foe": "FoE"}
 
 
 @dataclass(frozen=True)
@@ -72,10 +70,6 @@ class StudyConfig:
     def run_dir(self, arch: str, coef: float, seed: int) -> Path:
         return Path(self.train.out_dir) / arch / f"aux{coef:g}" / f"seed{seed}"
 
-    def plan(self) -> list[tuple[str, float | None, int]]:
-        """(arch, coef, seed) in run order; coef None = the arch's best, known after its sweep."""
-        sweep = [(a, c, self.seeds[0]) for a in ARCHS for c in self.aux_coefs]
-        return sweep + [(a, None, s) for a in ARCHS for s in self.seeds[1:]]
 
 
 def _progress(msg: str) -> None:
@@ -140,18 +134,21 @@ def compare_quality(study: StudyConfig, resume: bool = False) -> dict[str, Any]:
     OUT/compare_quality.png."""
     t0 = time.perf_counter()
     out = Path(study.train.out_dir)
-    plan = study.plan()
+    n_runs = len(ARCHS) * (len(study.aux_coefs) + len(study.seeds) - 1)
     runs: dict[tuple[str, float, int], dict[str, Any]] = {}
-    best: dict[str, float] = {}
-    for i, (arch, coef, seed) in enumerate(plan, 1):
-        if coef is None:
-            coef = best.setdefault(arch, min(study.aux_coefs, key=lambda c: runs[(arch, c, study.seeds[0])]["dev_loss"]))
-        _progress(f"[{i}/{len(plan)}] {LABEL[arch]}, balance coefficient {coef:g}, seed {seed} "
+
+    def train(arch: str, coef: float, seed: int) -> None:
+        _progress(f"[{len(runs) + 1}/{n_runs}] {LABEL[arch]}, balance coefficient {coef:g}, seed {seed} "
                   f"-> {study.run_dir(arch, coef, seed)}")
         runs[(arch, coef, seed)] = _train(study, arch, coef, seed, resume)
-    for arch in ARCHS:
-        best.setdefault(arch, min(study.aux_coefs, key=lambda c: runs[(arch, c, study.seeds[0])]["dev_loss"]))
 
+    for arch in ARCHS:  # the sweep, on the first seed
+        for coef in study.aux_coefs:
+            train(arch, coef, study.seeds[0])
+    best = {a: min(study.aux_coefs, key=lambda c: runs[(a, c, study.seeds[0])]["dev_loss"]) for a in ARCHS}
+    for arch in ARCHS:  # the other seeds, each architecture at its own best
+        for seed in study.seeds[1:]:
+            train(arch, best[arch], seed)
     for arch in ARCHS:
         point_to_chosen(out / arch, runs[(arch, best[arch], study.seeds[0])]["checkpoint"])
     _progress("scoring every architecture's runs at its best coefficient on the test windows")

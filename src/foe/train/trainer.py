@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from foe.model.transformer import Transformer
+from foe.model.precision import upcast
+from foe.model.transformer import ModelOutput, Transformer
 from foe.train.config import TrainConfig
 from foe.train.data import PackedData
 from foe.train.distributed import all_reduce_grads, all_reduce_sum
@@ -125,17 +127,26 @@ class Trainer:
         return mean_cross_entropy(self.model, self.val_batches(), self.cfg.bf16)
 
 
-@torch.no_grad()
+def forward_losses(model: Transformer, batches: list[tuple[torch.Tensor, torch.Tensor]], bf16: bool = False
+                   ) -> Iterator[tuple[torch.Tensor, ModelOutput]]:
+    """Per-token cross-entropy [B, L] (nats, in at least float32) and the model's output for each
+    (inputs_BL, targets_BL) batch, in eval mode without gradients; under bf16 autocast if `bf16`."""
+    model.eval()
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        for x, y in batches:
+            ctx = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+            with ctx:
+                out = model(x.to(device))
+            ce = F.cross_entropy(upcast(out.logits).flatten(0, 1), y.to(device).flatten(), reduction="none")
+            yield ce.view(y.shape), out
+
+
 def mean_cross_entropy(model: Transformer, batches: list[tuple[torch.Tensor, torch.Tensor]], bf16: bool = False
                        ) -> float:
     """Token-weighted mean cross-entropy (nats/token) of `model` over (inputs_BL, targets_BL) batches."""
-    model.eval()
-    device = next(model.parameters()).device
     total, n = 0.0, 0
-    for x, y in batches:
-        ctx = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-        with ctx:
-            logits = model(x.to(device)).logits
-        total += float(F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten(), reduction="sum"))
-        n += y.numel()
+    for ce, _ in forward_losses(model, batches, bf16):
+        total += float(ce.sum())
+        n += ce.numel()
     return total / n
