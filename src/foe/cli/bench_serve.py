@@ -1,5 +1,6 @@
-"""`foe bench serve` (load-test any OpenAI-compatible server) and `foe bench compare` (the paper's
-MoE-vs-FoE serving experiment). Argument parsing only; the work is in foe.bench.serving*."""
+"""`foe bench serve` (load-test any OpenAI-compatible server), `foe bench compare` (the paper's
+MoE-vs-FoE serving experiment) and `foe bench vs-vllm` (`foe serve` against vLLM on one checkpoint).
+Argument parsing only; the work is in foe.bench.serving*."""
 
 from __future__ import annotations
 
@@ -85,6 +86,51 @@ def register(commands: argparse._SubParsersAction, bench: argparse._SubParsersAc
     p.add_argument("--no-progress", action="store_true")
     _add_workload_args(p, longbench_only=True)
     p.set_defaults(func=compare)
+    _register_vs_vllm(bench)
+
+
+def _register_vs_vllm(bench: argparse._SubParsersAction) -> None:
+    from foe.bench.vs_vllm_config import SCENARIOS, VsVllmConfig
+    d = VsVllmConfig()
+    p = bench.add_parser("vs-vllm", help="foe serve against vLLM (foe's plugin) on one checkpoint, the same load",
+                         description="Start vLLM and `foe serve` one at a time on the same checkpoint (default: a "
+                                     "random-weight preset written under --out), send both the same random "
+                                     "workload in each scenario (all at once, a fixed Poisson rate, one at a time), "
+                                     "repeat with the order alternated, and print foe / vLLM for throughput, TTFT, "
+                                     "TPOT and E2E. Writes vs_vllm.json, vs_vllm.png and both servers' logs.")
+    m = p.add_argument_group("model")
+    m.add_argument("--checkpoint", default=None, metavar="DIR", help="checkpoint directory with tokenizer.json")
+    m.add_argument("--preset", default=d.preset, help=f"without --checkpoint (default {d.preset})")
+    m.add_argument("--arch", choices=("moe", "foe"), default=d.arch, help=f"without --checkpoint (default {d.arch})")
+    m.add_argument("--seed", type=int, default=d.seed, help="weights and workload seed (default 0)")
+    m.add_argument("--dtype", choices=("float32", "bfloat16"), default=d.dtype, help="both servers (default float32)")
+    w = p.add_argument_group("workload")
+    w.add_argument("--scenarios", default=",".join(SCENARIOS), help=f"subset of {','.join(SCENARIOS)} (default all)")
+    w.add_argument("--num-prompts", type=int, default=d.num_prompts,
+                   help=f"requests in the saturation and rate scenarios (default {d.num_prompts})")
+    w.add_argument("--single-prompts", type=int, default=d.single_prompts,
+                   help=f"requests sent one at a time (default {d.single_prompts})")
+    w.add_argument("--request-rate", type=float, default=d.request_rate,
+                   help=f"Poisson arrivals of the rate scenario, req/s (default {d.request_rate:g})")
+    w.add_argument("--random-input-len", type=int, default=d.input_len, help=f"default {d.input_len}")
+    w.add_argument("--random-output-len", type=int, default=d.output_len, help=f"default {d.output_len}")
+    w.add_argument("--repeats", type=int, default=d.repeats, help=f"A/B repeats, order alternated (default {d.repeats})")
+    w.add_argument("--warmup", type=int, default=d.warmup, help=f"unmeasured requests per server start (default {d.warmup})")
+    s = p.add_argument_group("servers")
+    s.add_argument("--vllm-python", default=None, metavar="PYTHON",
+                   help="interpreter with vLLM and foe's plugin (default: this one, if it has them)")
+    s.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs, help=f"both servers (default {d.max_num_seqs})")
+    s.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens,
+                   help=f"tokens per step, both servers (default {d.max_num_batched_tokens})")
+    s.add_argument("--kv-cache-gib", type=float, default=d.kv_cache_gib,
+                   help="vLLM's KV cache, GiB (foe sizes its own: at most 1 GiB by default)")
+    s.add_argument("--foe-threads", type=int, default=d.foe_threads,
+                   help="OMP_NUM_THREADS of foe serve (default 1: as vLLM, one compute thread)")
+    s.add_argument("--serve-arg", action="append", default=[], metavar="ARG", help="extra `foe serve` argument")
+    s.add_argument("--vllm-arg", action="append", default=[], metavar="ARG", help="extra vLLM server argument")
+    p.add_argument("--out", default=d.out_dir, metavar="DIR", help=f"results and logs (default {d.out_dir})")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=vs_vllm)
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -132,4 +178,22 @@ def compare(args: argparse.Namespace) -> int:
     result = run_compare(cfg, progress=not args.no_progress)
     print(format_compare_table(result["rows"]))
     print(f"wrote {args.out}/compare.json and {args.out}/latency_cdfs.png ({result['wall_s']:.0f} s)")
+    return 0
+
+
+def vs_vllm(args: argparse.Namespace) -> int:
+    from foe.bench.serving_vs_vllm import VsVllmConfig, format_ratio_table, run_vs_vllm
+
+    cfg = VsVllmConfig(out_dir=args.out, checkpoint=args.checkpoint, preset=args.preset, arch=args.arch,
+                       seed=args.seed, dtype=args.dtype, vllm_python=args.vllm_python,
+                       scenarios=tuple(x.strip() for x in args.scenarios.split(",") if x.strip()),
+                       num_prompts=args.num_prompts, single_prompts=args.single_prompts,
+                       request_rate=args.request_rate, input_len=args.random_input_len,
+                       output_len=args.random_output_len, repeats=args.repeats, warmup=args.warmup,
+                       max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                       kv_cache_gib=args.kv_cache_gib, foe_threads=args.foe_threads,
+                       serve_args=tuple(args.serve_arg), vllm_args=tuple(args.vllm_arg))
+    result = run_vs_vllm(cfg, progress=not args.no_progress)
+    print(format_ratio_table(result["rows"]))
+    print(f"wrote {args.out}/vs_vllm.json and {args.out}/vs_vllm.png ({result['wall_s']:.0f} s)")
     return 0

