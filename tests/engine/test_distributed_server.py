@@ -1,6 +1,7 @@
 """`foe serve --nproc 2` (2 gloo ranks: gp for FoE, ep and tp for MoE) over HTTP gives the same greedy text as
-the single-process model; a worker rank that dies makes the server answer 503 and exit; SIGTERM drains the
-requests in flight, then stops every rank cleanly."""
+the single-process model; a worker rank or the engine core process that dies makes the server answer 503 and
+exit, and no process outlives the server; SIGTERM drains the requests in flight, then stops every rank
+cleanly."""
 
 from __future__ import annotations
 
@@ -64,6 +65,17 @@ def children(pid: int) -> list[int]:
     return out
 
 
+def engine_core(server: int) -> int:
+    """The engine core process of a `foe serve` (its only spawned child)."""
+    (core,) = children(server)
+    return core
+
+
+def worker_ranks(server: int) -> list[int]:
+    """The worker ranks of a `foe serve` on this node: children of its engine core, which is rank 0."""
+    return children(engine_core(server))
+
+
 @pytest.mark.parametrize("arch,strategy", [("foe", "gp"), ("moe", "ep"), ("moe", "tp")])
 def test_two_rank_server_matches_single_process_and_dies_cleanly(tmp_path: Path, arch: str, strategy: str) -> None:
     model = build(tiny(arch))
@@ -84,7 +96,7 @@ def test_two_rank_server_matches_single_process_and_dies_cleanly(tmp_path: Path,
         assert got == want
 
         # Kill the worker rank mid-stream: the stream ends, /health says 503, the server exits.
-        (worker,) = children(proc.pid)
+        (worker,) = worker_ranks(proc.pid)
         with httpx.stream("POST", url + "/v1/completions", timeout=30,
                           json={"prompt": "Hi", "max_tokens": 200, "stream": True, "ignore_eos": True}) as r:
             lines = r.iter_lines()
@@ -120,15 +132,52 @@ def test_workers_exit_when_the_server_is_killed(tmp_path: Path) -> None:
     ckpt = tmp_path / "ckpt"
     save_checkpoint(build(tiny("foe")), ckpt)
     proc, _ = start_server(tmp_path / "server.log", "--checkpoint", str(ckpt))
-    (worker,) = children(proc.pid)
+    core = engine_core(proc.pid)
+    (worker,) = children(core)
     try:
-        os.kill(proc.pid, signal.SIGKILL)  # no clean-up code runs in the server
+        os.kill(proc.pid, signal.SIGKILL)  # no clean-up code runs in the API process
         proc.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while (_alive(core) or _alive(worker)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _alive(core) and not _alive(worker), "the engine core or a worker outlived its server"
+    finally:
+        for pid in (core, worker):
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_a_dead_engine_core_gives_503_and_every_process_exits(tmp_path: Path) -> None:
+    log = tmp_path / "server.log"
+    proc, url = start_server(log, "--preset", "tiny", "--arch", "foe")
+    core = engine_core(proc.pid)
+    (worker,) = children(core)
+    try:
+        with httpx.stream("POST", url + "/v1/completions", timeout=30,
+                          json={"prompt": "Hi", "max_tokens": 200, "stream": True, "ignore_eos": True}) as r:
+            lines = r.iter_lines()
+            next(line for line in lines if line.startswith("data:"))
+            os.kill(core, signal.SIGKILL)
+            rest = list(lines)  # must end, not hang
+        assert any('"error"' in line for line in rest) and not any("[DONE]" in line for line in rest), rest
+        statuses = set()
+        deadline = time.monotonic() + 20
+        while proc.poll() is None and time.monotonic() < deadline:
+            try:
+                statuses.add(httpx.get(url + "/health", timeout=1).status_code)
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        assert proc.poll() is not None and proc.returncode != 0, "server did not exit"
+        assert 200 not in statuses
+        assert f"the engine core (pid {core}) exited with code -9" in log.read_text()
         deadline = time.monotonic() + 10
         while _alive(worker) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert not _alive(worker), "worker outlived its server"
+        assert not _alive(worker), "a worker rank outlived its engine core"
     finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
         if _alive(worker):
             os.kill(worker, signal.SIGKILL)
 
@@ -136,7 +185,8 @@ def test_workers_exit_when_the_server_is_killed(tmp_path: Path) -> None:
 def test_sigterm_drains_then_stops_every_rank_cleanly(tmp_path: Path) -> None:
     log = tmp_path / "server.log"
     proc, url = start_server(log, "--preset", "tiny", "--arch", "foe")
-    (worker,) = children(proc.pid)
+    core = engine_core(proc.pid)
+    (worker,) = children(core)
     try:
         body = {"prompt": "Hi", "max_tokens": 240, "ignore_eos": True, "stream": True}
         with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
@@ -157,9 +207,9 @@ def test_sigterm_drains_then_stops_every_rank_cleanly(tmp_path: Path) -> None:
         text = log.read_text()
         assert "Traceback" not in text and "Connection closed" not in text, text
         deadline = time.monotonic() + 5
-        while _alive(worker) and time.monotonic() < deadline:
+        while (_alive(worker) or _alive(core)) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert not _alive(worker)
+        assert not _alive(worker) and not _alive(core)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)

@@ -24,7 +24,7 @@ from foe.generate import generate
 from foe.model.checkpoint import save_checkpoint
 from foe.tokenizer import byte_level_tokenizer
 from tests.conftest import build, tiny
-from tests.engine.test_distributed_server import MAX_TOKENS, PROMPTS, children
+from tests.engine.test_distributed_server import MAX_TOKENS, PROMPTS, children, worker_ranks
 
 ROOT = Path(__file__).resolve().parents[2]
 CLIENT = str(ROOT / "tests" / "engine" / "netns_client.py")
@@ -189,7 +189,7 @@ def test_two_hosts_of_two_ranks_and_a_dead_rank_on_node_0(hosts: tuple[str, str]
     assert served_text(hosts[0], nodes, logs) == want
     assert "gp on 4 rank(s), 2 node(s) of 2" in logs[0].read_text()
 
-    (rank1,) = children(nodes[0].pid)  # node 0's worker rank
+    (rank1,) = worker_ranks(nodes[0].pid)  # node 0's worker rank
     statuses = kill_and_watch(hosts[0], rank1, nodes)
     assert "503" in statuses and "down" in statuses, statuses
     assert f"worker rank 1 (pid {rank1}) on" in logs[0].read_text(), _logs(logs)

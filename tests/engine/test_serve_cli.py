@@ -25,10 +25,10 @@ from foe.cli.main import main
 
 @pytest.fixture
 def no_model(monkeypatch):
-    """Fails the test if a launch gets as far as building the engine."""
+    """Fails the test if a launch gets as far as starting the engine core."""
     def refuse(*_a, **_k):
-        raise AssertionError("the engine was built before the launch was refused")
-    monkeypatch.setattr(foe.engine.launch, "build_engine", refuse)
+        raise AssertionError("the engine core started before the launch was refused")
+    monkeypatch.setattr(foe.engine.launch, "CoreProcess", refuse)
 
 
 @pytest.mark.parametrize("argv,message", [

@@ -6,13 +6,18 @@
   runner.py       ModelRunner: padded [B, L] batch tensors -> forward -> logits (one per rank)
   sampler.py      greedy / temperature / top-k / top-p with per-request generators; logprobs
   detokenizer.py  incremental text with stop strings
+  output.py       the API process's side of a step: token ids -> text, stop strings (as vLLM v1)
   engine.py       LLMEngine.step(): schedule -> run -> sample -> postprocess
   worker.py       multi-rank execution (rank 0 schedules and samples; all ranks run the model)
-  async_engine.py the engine loop in a background thread, fed by a thread-safe queue
+  ipc.py          the messages between the API process and the engine core (one per step)
+  core.py         EngineCore: the step loop, fed over a connection, sending token ids and logprobs
+  core_process.py where the core runs: its own process (foe serve) or a thread (tests); build_engine
+  async_engine.py the API process's asyncio handle on the core: submit, abort, per-request streams
   protocol.py     OpenAI request models, error bodies, the completions logprobs block
   server.py       FastAPI app: /v1/completions, /v1/chat/completions, /v1/models, /health, /metrics
   metrics.py      Prometheus text exposition (TTFT, ITL, E2E histograms; queue and KV gauges)
-  launch.py       wiring it together: `serve_forever` (foe serve) and `ServerHandle` (tests)
+  launch.py       wiring it together: `serve_forever` (foe serve: API process + core process) and
+                  `ServerHandle` (tests)
 
 Imports run one way: the engine imports `foe.model` and `foe.parallel`, never the reverse.
 """

@@ -1,16 +1,22 @@
-"""Putting a server together: listening socket -> model spec -> executor (one process or P ranks) ->
-LLMEngine -> AsyncEngine -> FastAPI app -> uvicorn. Also `ServerHandle`, an in-process server on a free
-port for tests and benchmarks.
+"""Putting a server together: listening socket -> the engine core in its own process (which runs rank 0 and
+starts the other ranks) -> AsyncEngine -> FastAPI app -> uvicorn in this, the API process. Also
+`ServerHandle`, a server on a free port for tests and benchmarks, with the core in a thread of the
+caller's process over an engine it built.
+
+The API process runs HTTP, tokenisation, chat templates, detokenisation and streaming; the core runs the
+step loop and nothing else, so the two no longer take turns on one interpreter lock (see
+docs/serving.md, "Processes and threads"). The API process does no model compute: it keeps one torch thread.
 
 The socket is bound before the model loads, so a port in use (or out of range) fails at once with a
 clear error, and the "on http://..." banner is printed only once uvicorn is serving on it (with the
 real port when --port 0 asked for any free one).
 
-A dead engine (a worker rank died, a step raised) makes the server answer 503 and exit: uvicorn is
-asked to stop, and if that has not happened within a few seconds the process exits anyway.
+A dead engine (a worker rank died, a step raised, the core process died) makes the server answer 503 and
+exit: uvicorn is asked to stop, and if that has not happened within a few seconds the process exits
+anyway; the core and its ranks exit with it.
 
-SIGTERM or SIGINT drains: new requests get 503 while those in flight finish, then uvicorn stops, the
-engine thread stops, rank 0 tells the worker ranks to stop, and the process exits with code 0. After the
+SIGTERM or SIGINT drains: new requests get 503 while those in flight finish, then uvicorn stops, the core
+is told to stop, it tells the worker ranks to stop, and the process exits with code 0. After the
 drain timeout, or on a second signal, the requests still in flight are aborted (their responses end with
 finish_reason "abort") rather than cut off; should that not empty the server within a few seconds (a
 hung engine), it stops anyway. Plain uvicorn would re-raise the signal after its own shutdown, killing
@@ -28,33 +34,21 @@ import time
 from collections.abc import Callable
 from types import FrameType
 
+import torch
 import uvicorn
 
 from foe.engine.async_engine import AsyncEngine
-from foe.engine.engine import LLMEngine, LocalExecutor
+from foe.engine.core_process import STOP_WAIT_S, CoreProcess, CoreThread
+from foe.engine.engine import LLMEngine
 from foe.engine.scheduler import SchedulerConfig
 from foe.engine.server import DrainGate, ServerConfig, build_app
-from foe.engine.worker import DistributedExecutor, ModelSpec
+from foe.engine.worker import ModelSpec
 from foe.parallel import ParallelDims
 from foe.parallel.launch import Rendezvous
 from foe.tokenizer import load_tokenizer
 
 EXIT_GRACE_S = 3.0
 DRAIN_TIMEOUT_S = 30.0  # Kubernetes' default grace period before its SIGKILL
-
-
-def build_engine(spec: ModelSpec, dims: ParallelDims, cfg: SchedulerConfig, rdzv: Rendezvous | None = None
-                 ) -> LLMEngine:
-    """rdzv: where the ranks meet (default: dims.world_size local ranks)."""
-    model_cfg = spec.model_config
-    dims.validate(model_cfg)
-    if cfg.dp_size != dims.dp_size:
-        raise ValueError(f"scheduler dp_size {cfg.dp_size} != the layout's {dims.dp_size}")
-    if dims.world_size == 1:
-        executor = LocalExecutor(spec.build(), cfg.num_blocks, cfg.block_size)
-    else:
-        executor = DistributedExecutor(spec, dims, cfg.num_blocks, cfg.block_size, rdzv)
-    return LLMEngine(executor, cfg, model_cfg, load_tokenizer(spec.checkpoint))
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -129,16 +123,12 @@ def _uvicorn(app, sock: socket.socket, on_started: Callable[[], None] | None = N
                    on_started, drain_timeout_s, abort_all)
 
 
-def _wire_failure(engine: LLMEngine, async_engine: AsyncEngine) -> None:
-    if isinstance(engine.executor, DistributedExecutor):
-        engine.executor.on_failure = async_engine.fail
-
-
 def serve_forever(spec: ModelSpec, dims: ParallelDims, cfg: SchedulerConfig, server_cfg: ServerConfig,
                   drain_timeout_s: float = DRAIN_TIMEOUT_S, rdzv: Rendezvous | None = None) -> int:
     sock = bind_socket(server_cfg.host, server_cfg.port)
+    torch.set_num_threads(1)  # no model compute here; the cores are the engine's
     try:
-        engine = build_engine(spec, dims, cfg, rdzv)
+        core = CoreProcess(spec, dims, cfg, rdzv)
     except BaseException:
         sock.close()
         raise
@@ -149,24 +139,24 @@ def serve_forever(spec: ModelSpec, dims: ParallelDims, cfg: SchedulerConfig, ser
         threading.Timer(1.0, lambda: setattr(holder["server"], "should_exit", True)).start()
         threading.Timer(1.0 + EXIT_GRACE_S, os._exit, (1,)).start()  # in case a thread is stuck
 
-    async_engine = AsyncEngine(engine, on_dead=on_dead)
-    _wire_failure(engine, async_engine)
+    tokenizer = load_tokenizer(spec.checkpoint)
+    async_engine = AsyncEngine(core.conn, core.info, tokenizer, on_dead=on_dead, exit_reason=core.exit_reason)
     port = sock.getsockname()[1]
 
     def banner() -> None:
         print(f"foe serve: {server_cfg.model_name} ({spec.model_config.arch}, {dims.describe()}) on "
               f"http://{server_cfg.host}:{port}  [KV: {cfg.num_blocks} blocks x {cfg.block_size} tokens"
-              f" per shard]", flush=True)
+              f" per shard; engine core pid {core.pid}]", flush=True)
+    code = None
     try:
-        app = build_app(async_engine, engine.tokenizer, server_cfg)
+        app = build_app(async_engine, tokenizer, server_cfg)
         server = holder["server"] = _uvicorn(app, sock, banner, drain_timeout_s, async_engine.abort_all)
         server.run(sockets=[sock])
     finally:
         sock.close()
         async_engine.shutdown()
-        if not async_engine.dead:
-            engine.close()
-    return 1 if async_engine.dead else 0
+        code = core.stop(EXIT_GRACE_S if async_engine.dead else STOP_WAIT_S)
+    return 1 if async_engine.dead or code != 0 else 0
 
 
 class AppThread:
@@ -198,17 +188,22 @@ class AppThread:
 
 
 class ServerHandle:
-    """An in-process server on a free 127.0.0.1 port (uvicorn in a thread): `with ServerHandle(...) as s:`."""
+    """A server on a free 127.0.0.1 port (uvicorn in a thread) over an engine built in this process, driven by
+    an `EngineCore` in another thread (the same messages as `foe serve`'s core process): `with ServerHandle(...)
+    as s:`. Tests reach the engine as `s.engine`."""
 
     def __init__(self, engine: LLMEngine, server_cfg: ServerConfig | None = None) -> None:
+        if engine.tokenizer is None:
+            raise ValueError("a served engine needs its tokenizer")
         self.engine = engine
         self.server_cfg = server_cfg or ServerConfig()
-        self.async_engine = AsyncEngine(engine)
-        _wire_failure(engine, self.async_engine)
+        self.core = CoreThread(engine)
+        self.async_engine = AsyncEngine(self.core.conn, self.core.info, engine.tokenizer,
+                                        exit_reason=self.core.exit_reason)
         try:
             self.app = build_app(self.async_engine, engine.tokenizer, self.server_cfg)
         except BaseException:
-            self.async_engine.shutdown()
+            self.close()
             raise
         self.http = AppThread(self.app)
 
@@ -222,5 +217,9 @@ class ServerHandle:
 
     def __exit__(self, *exc: object) -> None:
         self.http.stop()
+        self.close()
+
+    def close(self) -> None:
         self.async_engine.shutdown()
+        self.core.stop()
         self.engine.close()

@@ -31,7 +31,7 @@ from tokenizers import Tokenizer
 
 from foe.engine.async_engine import AsyncEngine, EngineDeadError, RequestStream
 from foe.engine.chat import ChatTemplate, chat_logprobs, default_eos
-from foe.engine.engine import RequestOutput
+from foe.engine.output import RequestDelta
 from foe.engine.protocol import (APIError, ChatCompletionRequest, CompletionRequest, error_body,
                                  logprobs_block, usage)
 from foe.engine.request import RequestParams, TokenLogprob
@@ -117,11 +117,11 @@ class Result:
     ids: list[int] = field(default_factory=list)
     text: str = ""
     logprobs: list[TokenLogprob] = field(default_factory=list)
-    last: RequestOutput | None = None
+    last: RequestDelta | None = None
 
     @property
     def finish_reason(self) -> str | None:
-        return self.last.seq.finish_reason if self.last else None
+        return self.last.finish_reason if self.last else None
 
 
 async def close_all(streams: list[RequestStream]) -> None:
@@ -149,7 +149,7 @@ async def collect_all(streams: list[RequestStream]) -> list[Result]:
         await close_all(streams)
 
 
-async def merged(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
+async def merged(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestDelta]]:
     """The deltas of several requests as they come, each with its request's index."""
     queue: asyncio.Queue = asyncio.Queue()
 
@@ -180,7 +180,7 @@ async def merged(streams: list[RequestStream]) -> AsyncIterator[tuple[int, Reque
 def build_app(engine: AsyncEngine, tokenizer: Tokenizer, cfg: ServerConfig) -> FastAPI:
     """The app; ValueError for a chat template that does not compile."""
     app = FastAPI(title="foe", docs_url=None, redoc_url=None)
-    max_len = engine.engine.max_seq_len
+    max_len = engine.max_seq_len
     chat = None
     if cfg.chat_template is not None:
         chat = ChatTemplate(cfg.chat_template, cfg.bos_token,
@@ -255,7 +255,7 @@ def build_app(engine: AsyncEngine, tokenizer: Tokenizer, cfg: ServerConfig) -> F
         if not prompts:
             raise APIError("prompt is empty", param=param)
         ids = [encode_text(p, param) if isinstance(p, str) else list(p) for p in prompts]
-        vocab = engine.engine.vocab_size
+        vocab = engine.vocab_size
         for p in ids:
             if not p:
                 raise APIError("prompt is empty", param=param)
@@ -326,14 +326,14 @@ def build_app(engine: AsyncEngine, tokenizer: Tokenizer, cfg: ServerConfig) -> F
                                     for i, (p, r) in enumerate(zip(choice_prompts, results))],
                 "usage": usage(n_prompt, sum(len(r.ids) for r in results))}
 
-    def prompt_part(prompt: list[int], out: RequestOutput, req: CompletionRequest) -> tuple[str, dict | None]:
+    def prompt_part(prompt: list[int], out: RequestDelta, req: CompletionRequest) -> tuple[str, dict | None]:
         text = tokenizer.decode(prompt, skip_special_tokens=False)
         lp = None
         if req.logprobs is not None:
-            lp = logprobs_block(tokenizer, out.seq.prompt_logprobs, prompt)
+            lp = logprobs_block(tokenizer, out.prompt_logprobs, prompt)
         return text, lp
 
-    def gen_logprobs(out: RequestOutput, offset: int) -> dict | None:
+    def gen_logprobs(out: RequestDelta, offset: int) -> dict | None:
         if not out.new_logprobs:
             return None
         return logprobs_block(tokenizer, out.new_logprobs, out.new_token_ids, offset)
@@ -376,7 +376,7 @@ def build_app(engine: AsyncEngine, tokenizer: Tokenizer, cfg: ServerConfig) -> F
                     if not text and lp is None and not o.finished and not o.new_token_ids:
                         continue
                     yield {**head, "choices": [{"index": i, "text": text, "logprobs": lp,
-                                                "finish_reason": o.seq.finish_reason if o.finished else None}]}
+                                                "finish_reason": o.finish_reason if o.finished else None}]}
         finally:
             await close_all(streams)
         if req.include_usage:
@@ -425,7 +425,7 @@ def build_app(engine: AsyncEngine, tokenizer: Tokenizer, cfg: ServerConfig) -> F
                     n += len(o.new_token_ids)
                     yield {**head, "choices": [{"index": i, "delta": {"content": o.new_text} if o.new_text else {},
                                                 "logprobs": lp(o.new_logprobs) if o.new_logprobs else None,
-                                                "finish_reason": o.seq.finish_reason if o.finished else None}]}
+                                                "finish_reason": o.finish_reason if o.finished else None}]}
         finally:
             await close_all(streams)
         if usage_prompt_tokens is not None:

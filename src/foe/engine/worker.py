@@ -1,4 +1,4 @@
-"""Multi-rank execution: rank 0 (the server process) schedules and samples; every rank runs the model.
+"""Multi-rank execution: rank 0 (the engine core process) schedules and samples; every rank runs the model.
 
 Each step rank 0 broadcasts the `StepPlan` (broadcast_object_list; plain data), every rank runs the rows
 of its data-parallel shard through its `ModelRunner` (an expert-parallel rank with no rows still runs
@@ -7,10 +7,10 @@ a B = 0 forward, because every layer's all-to-all needs all ranks), and, when th
 generators, so results do not depend on the number of ranks.
 
 Failure handling: workers are child processes watched by a monitor thread; one that exits makes the
-executor call `on_failure` (the server then answers 503 and exits). Collectives carry the process-group
-timeout, and an idle rank 0 sends a heartbeat so that idle workers never hit it. Workers ignore SIGINT and
-SIGTERM (Ctrl-C and systemd signal the whole process group): rank 0 drains, then stops them; they exit
-with it if it dies.
+executor call `on_failure` (the core reports it; the API process answers 503 and exits). Collectives carry
+the process-group timeout, and an idle rank 0 sends a heartbeat so that idle workers never hit it.
+Workers ignore SIGINT and SIGTERM (Ctrl-C and systemd signal the whole process group): rank 0 drains,
+then stops them; they exit with it if it dies.
 
 Several nodes (`Rendezvous`, torchrun's conventions): node 0 runs rank 0 and its local ranks as above; node
 k > 0 runs `serve_node`, a supervisor of its own ranks. It reports a rank that died to rank 0 through the
@@ -77,8 +77,8 @@ def _run_shard(runner: ModelRunner, dims: ParallelDims, rank: int, plan: StepPla
     return runner.execute_plan(plan, dims.dp_rank(rank))
 
 
-def _exit_with_parent() -> None:
-    """A worker whose server (or node supervisor) died, even by SIGKILL, which runs no clean-up, exits at
+def exit_with_parent() -> None:
+    """A worker rank (or the engine core) whose parent died, even by SIGKILL, which runs no clean-up, exits at
     once instead of waiting for the collective timeout."""
     parent = os.getppid()
 
@@ -92,7 +92,7 @@ def _exit_with_parent() -> None:
 
 def _worker_main(rank: int, dims: ParallelDims, rdzv: Rendezvous, spec: ModelSpec, num_blocks: int,
                  block_size: int, threads: int) -> None:
-    _exit_with_parent()
+    exit_with_parent()
     for sig in (signal.SIGINT, signal.SIGTERM):  # rank 0 decides when to stop (a broadcast _STOP)
         signal.signal(sig, signal.SIG_IGN)
     torch.set_num_threads(threads)
