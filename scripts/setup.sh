@@ -29,4 +29,7 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
 fi
 echo "setup: installing foe and its dependencies into .venv"
 pip_install -e ".[dev]" || { echo "setup: installing foe failed (see pip's messages above)" >&2; exit 1; }
+# The engine's native paged-attention kernel: compiled once here rather than in the first server start.
+.venv/bin/python -c "import torch; from foe.engine.kernels import decode_kernel_available as ok; ok(torch.device('cpu'))" \
+  || echo "setup: the native kernel did not build; the engine uses its slower torch path" >&2
 .venv/bin/python -c "import foe, torch; print(f'setup: foe {foe.__version__} with torch {torch.__version__} is ready')"

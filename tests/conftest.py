@@ -9,6 +9,13 @@ from foe.config import ModelConfig
 from foe.model import Transformer
 
 
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Build (or load) the engine's native kernel once, up front, so that no server or rank process in a
+    test waits ~30 s for the compiler inside its start-up timeout."""
+    from foe.engine.kernels import decode_kernel_available
+    decode_kernel_available(torch.device("cpu"))
+
+
 def tiny(arch: str = "foe", **overrides) -> ModelConfig:
     return ModelConfig.from_preset("tiny", arch=arch, **overrides)
 

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from foe.engine.engine import LLMEngine
-from foe.engine.kv_cache import KVPool, PagedKVCache
+from foe.engine.kv_cache import KVPool
+from foe.engine.paged_attention import PagedKVCache
 from foe.engine.request import RequestParams
 from foe.engine.runner import ModelRunner
 from foe.engine.sampler import SamplingParams
@@ -213,16 +214,9 @@ def test_bad_requests_are_refused() -> None:
         RequestParams(max_tokens=-1)
 
 
-def test_decodes_are_not_padded_to_a_long_prefill_chunk() -> None:
+def test_a_mixed_step_is_one_packed_forward() -> None:
+    """A prompt chunk and a decode in one step: one packed forward, each row's logits as when run alone."""
     from foe.engine.request import RowPlan, StepPlan
-    from foe.engine.runner import forward_passes
-    long, dec = RowPlan(0, list(range(20)), 0, [0], 19), RowPlan(1, [5], 9, [1], 0)
-    assert forward_passes(StepPlan([[long, dec, dec]])) == [[[1, 2]], [[0]]]
-    assert forward_passes(StepPlan([[dec, dec]])) == [[[0, 1]]]
-    # expert parallel: shards pad separately; a shard with only decodes still takes part in the
-    # prefill forward (with no rows)
-    assert forward_passes(StepPlan([[dec, dec], [long]])) == [[[0, 1], [0]]]
-    assert forward_passes(StepPlan([[long, dec, dec], [dec]])) == [[[1, 2], [0]], [[0], []]]
     model = build(tiny("moe"))
     runner = ModelRunner(model, num_blocks=16, block_size=4)
     runner.execute([RowPlan(1, list(range(9)), 0, [1, 2, 3], 8)])  # context for the decode row

@@ -1,9 +1,11 @@
 """The inference engine and its OpenAI-compatible server, split by noun.
 
   request.py      Sequence state, RequestParams, the plain-data StepPlan rank 0 broadcasts
-  kv_cache.py     BlockManager (free list, ref counts, prefix caching), KVPool, PagedKVCache
+  kv_cache.py     BlockManager (free list, ref counts, prefix caching), KVPool
+  paged_attention.py  PackedStep (a step as one flat token stream) and PagedKVCache (attention on the pool)
+  kernels.py      the native decode-attention kernel (csrc/), built on first use; torch fallback
   scheduler.py    continuous batching, chunked prefill, preemption by recompute (pure CPU)
-  runner.py       ModelRunner: padded [B, L] batch tensors -> forward -> logits (one per rank)
+  runner.py       ModelRunner: packed step -> forward -> logits (one per rank)
   sampler.py      greedy / temperature / top-k / top-p with per-request generators; logprobs
   detokenizer.py  incremental text with stop strings
   output.py       the API process's side of a step: token ids -> text, stop strings (as vLLM v1)

@@ -6,9 +6,9 @@
   with cached blocks shares them instead of recomputing), and forking (samples of one prompt share its
   blocks). The scheduler owns one per data-parallel shard.
 - `KVPool` holds the tensors: [n_layers, (num_blocks + 1) * block_size, H, K] for keys and values. The
-  extra last block is scratch: padding tokens write there, so they never touch a real page.
-- `PagedKVCache` implements `foe.model.kv_cache.KVCache.update` for one forward: it scatters the new
-  K/V to their slots and gathers each row's context back as a dense [B, H, S, K].
+  extra last block is scratch: it pads block tables (its keys are always masked out).
+
+Attention over the pool (`PagedKVCache`) is in `paged_attention.py`.
 
 Sized from the model's attention modules (`model.layers[0].attn.num_kv_heads`), so a model sharded by
 `foe.parallel` allocates only its own KV heads. Nothing here knows about scheduling or processes.
@@ -20,8 +20,6 @@ from collections import OrderedDict
 from typing import TYPE_CHECKING
 
 import torch
-
-from foe.model.kv_cache import KVCache
 
 if TYPE_CHECKING:
     from foe.engine.request import Sequence
@@ -144,6 +142,7 @@ class KVPool:
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.num_blocks, self.block_size = num_blocks, block_size
+        self._buffers: tuple[torch.Tensor, torch.Tensor] | None = None  # see gather_buffers
 
     @classmethod
     def for_model(cls, model: Transformer, num_blocks: int, block_size: int) -> KVPool:
@@ -155,27 +154,19 @@ class KVPool:
     def scratch_block(self) -> int:
         return self.num_blocks
 
+    def block_view(self, pool: torch.Tensor, layer: int) -> torch.Tensor:
+        """One layer of `self.k` or `self.v` as [num_blocks + 1, block_size * H * K]: a block is one row."""
+        return pool[layer].view(self.num_blocks + 1, -1)
+
+    def gather_buffers(self, num_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two [num_blocks, block_size * H * K] buffers to gather blocks into. They persist and only grow,
+        so a step's gathers reuse warm memory; each layer overwrites the last one's contents."""
+        row = self.k[0, :self.block_size].numel()
+        if self._buffers is None or self._buffers[0].shape[0] < num_blocks:
+            rows = max(num_blocks, 2 * (self._buffers[0].shape[0] if self._buffers else 0))
+            self._buffers = (self.k.new_empty(rows, row), self.v.new_empty(rows, row))
+        return self._buffers[0][:num_blocks], self._buffers[1][:num_blocks]
+
     @property
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
-
-
-class PagedKVCache(KVCache):
-    """One forward's view of the pool.
-
-    slots_BL: pool slot of every input token (padding -> a scratch slot). key_slots_BS: pool slot of
-    each row's context positions 0..S-1 (positions past a row's context -> scratch; the causal mask
-    hides them)."""
-
-    def __init__(self, pool: KVPool, slots_BL: torch.Tensor, key_slots_BS: torch.Tensor) -> None:
-        self.pool, self.slots_T, self.key_slots_BS = pool, slots_BL.reshape(-1), key_slots_BS
-
-    def update(self, layer: int, k_BHLK: torch.Tensor, v_BHLK: torch.Tensor, pos_BL: torch.Tensor
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        B, H, L, K = k_BHLK.shape
-        k_pool, v_pool = self.pool.k[layer], self.pool.v[layer]
-        k_pool.index_copy_(0, self.slots_T, k_BHLK.transpose(1, 2).reshape(B * L, H, K).to(k_pool.dtype))
-        v_pool.index_copy_(0, self.slots_T, v_BHLK.transpose(1, 2).reshape(B * L, H, K).to(v_pool.dtype))
-        S = self.key_slots_BS.shape[1]
-        mask_B1LS = (torch.arange(S, device=pos_BL.device)[None, None, None, :] <= pos_BL[:, None, :, None])
-        return (k_pool[self.key_slots_BS].transpose(1, 2), v_pool[self.key_slots_BS].transpose(1, 2), mask_B1LS)

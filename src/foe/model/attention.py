@@ -42,9 +42,7 @@ class GroupedAttention(nn.Module):
         k_BMLK = k.permute(1, 0, 3, 2, 4).reshape(B, G * H, L, K)
         v_BMLK = v.permute(1, 0, 3, 2, 4).reshape(B, G * H, L, K)
         if cache is not None:
-            k_BMLK, v_BMLK, mask = cache.update(layer, k_BMLK, v_BMLK, pos_BL)
-            o = F.scaled_dot_product_attention(q_BNLK, k_BMLK.to(q.dtype), v_BMLK.to(q.dtype),
-                                               attn_mask=mask, enable_gqa=Q != H)
+            o = cache.attend(layer, q_BNLK, k_BMLK, v_BMLK, pos_BL)
         else:
             o = F.scaled_dot_product_attention(q_BNLK, k_BMLK, v_BMLK, is_causal=L > 1, enable_gqa=Q != H)
         o_GTN = o.view(B, G, Q, L, K).permute(1, 0, 3, 2, 4).reshape(G, B * L, Q * K)

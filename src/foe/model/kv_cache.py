@@ -1,7 +1,9 @@
 """KV caches the attention layer writes to and reads from.
 
-The attention layer only knows the `KVCache.update` contract; which memory layout lies behind it
-(one dense buffer per sequence here, a paged pool in `foe.engine.kv_cache`) is the cache's business.
+The attention layer only knows the `KVCache.attend` contract: store the new keys/values, return the
+attention output. Which memory layout lies behind it, and so how attention reads it (one dense buffer
+per sequence and a masked SDPA here; a paged pool over a packed token stream in
+`foe.engine.paged_attention`), is the cache's business.
 A cache is sized by the attention modules it serves, so a model sharded by `foe.parallel` allocates
 only its own KV heads.
 """
@@ -11,14 +13,15 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 
 import torch
+import torch.nn.functional as F
 
 
 class KVCache(ABC):
     @abstractmethod
-    def update(self, layer: int, k_BHLK: torch.Tensor, v_BHLK: torch.Tensor, pos_BL: torch.Tensor
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Store new keys/values at absolute positions pos_BL; return (k_BHSK, v_BHSK, mask_B1LS)
-        where mask[b, 0, l, s] is True when query l of sequence b may attend to key s."""
+    def attend(self, layer: int, q_BNLK: torch.Tensor, k_BMLK: torch.Tensor, v_BMLK: torch.Tensor,
+               pos_BL: torch.Tensor) -> torch.Tensor:
+        """Store the new keys/values (at absolute positions pos_BL) and return o_BNLK: each query's
+        attention over its sequence's keys up to its own position (grouped-query when N > M)."""
 
 
 class DenseKVCache(KVCache):
@@ -35,8 +38,16 @@ class DenseKVCache(KVCache):
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.max_len = max_len
 
+    def attend(self, layer: int, q_BNLK: torch.Tensor, k_BMLK: torch.Tensor, v_BMLK: torch.Tensor,
+               pos_BL: torch.Tensor) -> torch.Tensor:
+        k, v, mask = self.update(layer, k_BMLK, v_BMLK, pos_BL)
+        return F.scaled_dot_product_attention(q_BNLK, k.to(q_BNLK.dtype), v.to(q_BNLK.dtype), attn_mask=mask,
+                                              enable_gqa=q_BNLK.shape[1] != k_BMLK.shape[1])
+
     def update(self, layer: int, k_BHLK: torch.Tensor, v_BHLK: torch.Tensor, pos_BL: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Store new keys/values at positions pos_BL; return (k_BHSK, v_BHSK, mask_B1LS), where
+        mask[b, 0, l, s] is True when query l of sequence b may attend to key s."""
         B, H, L, K = k_BHLK.shape
         if pos_BL.numel() == 0:  # an idle rank still joins every layer's collectives
             return self.k[layer, :0, :, :0], self.v[layer, :0, :, :0], pos_BL.new_zeros(0, 1, L, 0, dtype=torch.bool)

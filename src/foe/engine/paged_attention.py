@@ -1,0 +1,165 @@
+"""Attention over the paged KV pool for one packed step: `PackedStep` (what the runner builds once per
+step) and `PagedKVCache` (the model's `KVCache`, one per forward).
+
+A step is one flat token stream [1, T]: the decode rows (one token each) first, then the multi-token
+rows (prompt chunks). Per layer, `PagedKVCache.attend`
+- writes the new keys/values by slot (one `index_copy_` each);
+- decode rows: one call of the native kernel (`kernels.py`) reads their keys and values in place from
+  their blocks. Without the kernel (no compiler, or a CUDA pool), their blocks are gathered whole, as
+  contiguous block-sized rows (`index_select` into a buffer every layer reuses, so no per-slot indexing
+  and no fresh pages), and one SDPA call with a length mask covers them;
+- a row with no earlier context (a fresh prompt, or its first chunk) attends to its own new keys with
+  `is_causal`: no pool read at all;
+- a row continuing a context (a later chunk, a prefix-cache hit, a recompute) gathers its blocks and
+  uses a causal mask offset by its start, also built once per step.
+Nothing here knows about scheduling; rows arrive as `RowPlan`s.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from foe.engine import kernels
+from foe.engine.kv_cache import KVPool, blocks_needed
+from foe.engine.request import RowPlan
+from foe.model.kv_cache import KVCache
+
+
+@dataclass
+class ContextRow:
+    """A multi-token row's place in the packed stream, and (when it continues a context) its blocks."""
+
+    offset: int  # first token in the packed stream
+    length: int
+    blocks: torch.Tensor | None  # block ids covering positions 0..start+length-1; None: no earlier context
+    mask: torch.Tensor | None  # [1, 1, length, S]: key s visible to query l when s <= start + l
+
+
+@dataclass
+class PackedStep:
+    """One step's rows as a flat token stream, with what attention needs, built once per step."""
+
+    input_ids: torch.Tensor  # [1, T]
+    pos: torch.Tensor  # [1, T] absolute positions
+    slots: torch.Tensor  # [T] pool slot of each token
+    logits_at: torch.Tensor  # [N] packed-stream rows whose logits are wanted, in packed order
+    restore: torch.Tensor | None  # logits in packed order -> row order (None: same order)
+    num_decode: int  # the first num_decode tokens are decode rows, one each
+    decode_table: torch.Tensor  # [num_decode, W] their block ids, padded with the scratch block
+    decode_lens: torch.Tensor  # [num_decode] keys each decode row sees (its position + 1)
+    decode_mask: torch.Tensor  # [num_decode, 1, 1, W * block_size]: True for positions <= the row's
+    context_rows: list[ContextRow]
+
+    @classmethod
+    def build(cls, rows: list[RowPlan], block_size: int, scratch_block: int) -> PackedStep:
+        bs = block_size
+        # Decode rows first (stable), so they are one slice of the stream and one SDPA call.
+        order = sorted(range(len(rows)), key=lambda i: len(rows[i].token_ids) > 1)
+        ids: list[int] = []
+        pos: list[torch.Tensor] = []
+        slots: list[torch.Tensor] = []
+        logits_at: list[int] = []
+        dec_pos: list[int] = []
+        dec_tables: list[list[int]] = []
+        context_rows: list[ContextRow] = []
+        off = 0
+        for i in order:
+            r = rows[i]
+            n = len(r.token_ids)
+            ids.extend(r.token_ids)
+            logits_at.extend(range(off + r.logits_from, off + n))
+            if n == 1:
+                dec_pos.append(r.start)
+                dec_tables.append(r.block_ids[:blocks_needed(r.start + 1, bs)])
+            else:
+                end = r.start + n
+                table = torch.tensor(r.block_ids[:blocks_needed(end, bs)], dtype=torch.long)
+                p = torch.arange(r.start, end)
+                pos.append(p)
+                slots.append(table[p // bs] * bs + p % bs)
+                if r.start == 0:
+                    context_rows.append(ContextRow(off, n, None, None))
+                else:
+                    keys = torch.arange(table.numel() * bs)
+                    mask = (keys[None, :] <= p[:, None])[None, None]
+                    context_rows.append(ContextRow(off, n, table, mask))
+            off += n
+        W = max((len(t) for t in dec_tables), default=0)
+        dec_blocks = torch.full((len(dec_tables), W), scratch_block, dtype=torch.long)
+        for b, t in enumerate(dec_tables):
+            dec_blocks[b, :len(t)] = torch.tensor(t, dtype=torch.long)
+        dp = torch.tensor(dec_pos, dtype=torch.long)
+        dec_slots = dec_blocks.gather(1, (dp // bs)[:, None]).squeeze(1) * bs + dp % bs if dec_pos else dp
+        decode_mask = (torch.arange(W * bs)[None, :] <= dp[:, None])[:, None, None, :]
+        restore = None
+        if order != sorted(order):
+            counts = [rows[i].num_logits for i in order]
+            starts = torch.tensor([0] + counts[:-1]).cumsum(0).tolist()
+            at = dict(zip(order, starts))
+            restore = torch.tensor([at[i] + k for i in range(len(rows)) for k in range(rows[i].num_logits)],
+                                   dtype=torch.long)
+        return cls(input_ids=torch.tensor(ids, dtype=torch.long).view(1, -1),
+                   pos=torch.cat([dp, *pos]).view(1, -1), slots=torch.cat([dec_slots, *slots]),
+                   logits_at=torch.tensor(logits_at, dtype=torch.long), restore=restore,
+                   num_decode=len(dec_pos), decode_table=dec_blocks, decode_lens=dp + 1, decode_mask=decode_mask,
+                   context_rows=context_rows)
+
+
+class PagedKVCache(KVCache):
+    """One forward's view of the pool for a `PackedStep` (batch dimension 1, the packed stream)."""
+
+    def __init__(self, pool: KVPool, step: PackedStep, use_kernel: bool) -> None:
+        self.pool, self.step, self.use_kernel = pool, step, use_kernel
+
+    def _gather(self, layer: int, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of `blocks`, [n, H, len(blocks) / n * block_size, K] after the caller's view."""
+        k_buf, v_buf = self.pool.gather_buffers(blocks.numel())
+        torch.index_select(self.pool.block_view(self.pool.k, layer), 0, blocks, out=k_buf)
+        torch.index_select(self.pool.block_view(self.pool.v, layer), 0, blocks, out=v_buf)
+        return k_buf, v_buf
+
+    def _keys(self, buf: torch.Tensor, rows: int, dtype: torch.dtype) -> torch.Tensor:
+        """[rows * W, block] -> [rows, H, W * block_size, K] for SDPA (a view; no copy unless dtypes differ)."""
+        H, K = self.pool.k.shape[2:]
+        return buf.view(rows, -1, H, K).transpose(1, 2).to(dtype)
+
+    def attend(self, layer: int, q_BNLK: torch.Tensor, k_BMLK: torch.Tensor, v_BMLK: torch.Tensor,
+               pos_BL: torch.Tensor) -> torch.Tensor:
+        _, N, T, K = q_BNLK.shape
+        M = k_BMLK.shape[1]
+        gqa = N != M
+        k_pool, v_pool = self.pool.k[layer], self.pool.v[layer]
+        k_new, v_new = k_BMLK[0].transpose(0, 1), v_BMLK[0].transpose(0, 1)  # [T, M, K]
+        k_pool.index_copy_(0, self.step.slots, k_new.to(k_pool.dtype))
+        v_pool.index_copy_(0, self.step.slots, v_new.to(v_pool.dtype))
+        s = self.step
+        rows = s.context_rows
+        if not s.num_decode and len(rows) == 1 and rows[0].blocks is None:  # one fresh prompt
+            return F.scaled_dot_product_attention(q_BNLK, k_BMLK, v_BMLK, is_causal=True, enable_gqa=gqa)
+        o = torch.empty_like(q_BNLK)
+        if s.num_decode:
+            D = s.num_decode
+            q = q_BNLK[0, :, :D].transpose(0, 1)  # [D, N, K]
+            if self.use_kernel and q.dtype == k_pool.dtype:
+                o_dec = kernels.paged_decode_attention(q, k_pool, v_pool, s.decode_table, s.decode_lens,
+                                                       self.pool.block_size)
+            else:
+                k, v = self._gather(layer, s.decode_table.view(-1))
+                o_dec = F.scaled_dot_product_attention(q.unsqueeze(2), self._keys(k, D, q.dtype),
+                                                       self._keys(v, D, q.dtype), attn_mask=s.decode_mask,
+                                                       enable_gqa=gqa)[:, :, 0]
+            o[0, :, :D] = o_dec.transpose(0, 1)
+        for r in rows:
+            span = slice(r.offset, r.offset + r.length)
+            q = q_BNLK[:, :, span]
+            if r.blocks is None:
+                o[:, :, span] = F.scaled_dot_product_attention(q, k_BMLK[:, :, span], v_BMLK[:, :, span],
+                                                               is_causal=True, enable_gqa=gqa)
+            else:
+                k, v = self._gather(layer, r.blocks)
+                o[:, :, span] = F.scaled_dot_product_attention(q, self._keys(k, 1, q.dtype), self._keys(v, 1, q.dtype),
+                                                               attn_mask=r.mask, enable_gqa=gqa)
+        return o
