@@ -9,6 +9,7 @@ import re
 import socket
 import time
 from collections import defaultdict
+from dataclasses import replace
 
 import httpx
 import openai
@@ -243,6 +244,34 @@ def test_disconnect_aborts_a_non_streaming_request(server, monkeypatch, path: st
     wait_until(lambda: not sched.running)
     assert sched.blocks[0].num_free == sched.blocks[0].num_blocks
     assert (finished(server, "abort"), finished(server, "length")) == (aborted + 1, length)
+
+
+def engine_text(model, prompt: str, params: RequestParams) -> tuple[str, str | None, int]:
+    """What the engine's own in-process detokeniser makes of a request: (text, finish reason, tokens)."""
+    tok = byte_level_tokenizer()
+    engine = LLMEngine.from_model(model, SchedulerConfig(num_blocks=64, block_size=4), tok)
+    seq = engine.add_request(tok.encode(prompt).ids, params)
+    text = ""
+    while engine.has_unfinished:
+        text += "".join(o.new_text for o in engine.step())
+    return text, seq.finish_reason, len(seq.output_ids)
+
+
+def test_stop_strings_cut_the_text_in_the_api_process_as_the_engine_did(model, server, client) -> None:
+    """The API process finds stop strings (the core sends token ids only) and aborts the sequence in the core,
+    which may have run a step further: the response is the engine's in-process one, and nothing keeps running."""
+    prompt, params = "Once upon a time", RequestParams(max_tokens=40, ignore_eos=True)
+    full = engine_text(model, prompt, params)[0]
+    stop = next(full[i:i + 2] for i in range(len(full) // 2, len(full) - 1) if "\ufffd" not in full[i:i + 2])
+    want, reason, n = engine_text(model, prompt, replace(params, stop=(stop,)))
+    assert reason == "stop" and len(want) < len(full)
+    kw = dict(model="tiny-foe", prompt=prompt, max_tokens=40, temperature=0, stop=[stop], extra_body={"ignore_eos": True})
+    r = client.completions.create(**kw)
+    assert (r.choices[0].text, r.choices[0].finish_reason, r.usage.completion_tokens) == (want, "stop", n)
+    chunks = list(client.completions.create(**kw, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == want and chunks[-1].choices[0].finish_reason == "stop"
+    sched = server.engine.scheduler
+    wait_until(lambda: not sched.running and sched.blocks[0].num_free == sched.blocks[0].num_blocks)
 
 
 def test_top_logprobs_keep_the_best_of_tokens_with_the_same_text(client) -> None:

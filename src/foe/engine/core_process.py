@@ -29,16 +29,26 @@ from foe.engine.ipc import EngineInfo, Ready, Shutdown, StartupFailed
 from foe.engine.scheduler import SchedulerConfig
 from foe.engine.worker import DistributedExecutor, ModelSpec, exit_with_parent
 from foe.parallel import ParallelDims
-from foe.parallel.launch import Rendezvous
+from foe.parallel.launch import Rendezvous, threads_per_rank
 from foe.tokenizer import load_tokenizer
 
 STOP_WAIT_S = 30.0  # for the core to stop its ranks after Shutdown, before it is killed
+API_CORES = 1  # left to the API process (HTTP, tokenisation, streaming) when choosing the engine's threads
+
+
+def engine_threads(local_ranks: int) -> int:
+    """Torch threads for each of this host's `local_ranks` model ranks while serving: OMP_NUM_THREADS when
+    set, else the cores less API_CORES, shared out. Measured on 2 cores (docs/serving.md): a core on 2
+    threads next to a busy API process ran 4-8x slower than on 1, as its threads wait for each other."""
+    if os.environ.get("OMP_NUM_THREADS"):
+        return threads_per_rank(local_ranks)
+    return max(1, ((os.cpu_count() or 1) - API_CORES) // local_ranks)
 
 
 def build_engine(spec: ModelSpec, dims: ParallelDims, cfg: SchedulerConfig, rdzv: Rendezvous | None = None,
                  threads: int | None = None) -> LLMEngine:
     """rdzv: where the ranks meet (default: dims.world_size local ranks); threads: torch threads of each
-    local rank (default: the executor's choice)."""
+    local rank (default: this process's setting with one rank, the executor's choice with several)."""
     model_cfg = spec.model_config
     dims.validate(model_cfg)
     if cfg.dp_size != dims.dp_size:
@@ -93,9 +103,11 @@ class CoreProcess:
 
     def __init__(self, spec: ModelSpec, dims: ParallelDims, cfg: SchedulerConfig, rdzv: Rendezvous | None = None,
                  threads: int | None = None) -> None:
+        """threads: torch threads of each local rank (default `engine_threads`)."""
         ctx = mp.get_context("spawn")
         self.conn, core_end = ctx.Pipe(duplex=True)
         # not a daemon: it starts the worker ranks as its own children
+        threads = threads or engine_threads((rdzv or Rendezvous(nproc=dims.world_size)).nproc)
         self.proc = ctx.Process(target=_core_main, name="foe-engine-core",
                                 args=(core_end, spec, dims, cfg, rdzv, threads))
         self.proc.start()
