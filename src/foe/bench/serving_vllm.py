@@ -62,7 +62,7 @@ def with_env(server: ServerProcess, env: dict[str, str]) -> ServerProcess:
 
 def vllm_server(python: str, model_dir: str | Path, log_path: str | Path, *, dtype: str = "float32",
                 max_num_seqs: int | None = None, max_num_batched_tokens: int | None = None,
-                tensor_parallel_size: int = 1, kv_cache_gib: float = 1.0, threads_bind: str | None = None,
+                tensor_parallel_size: int = 1, kv_cache_gib: int = 1, threads_bind: str | None = None,
                 extra_args: tuple[str, ...] = (), ready_timeout_s: float = 300.0) -> ServerProcess:
     """vLLM's OpenAI server on a free port of 127.0.0.1, not yet started (`with vllm_server(...) as srv`).
 
@@ -78,7 +78,7 @@ def vllm_server(python: str, model_dir: str | Path, log_path: str | Path, *, dty
     if max_num_batched_tokens is not None:
         args += ["--max-num-batched-tokens", str(max_num_batched_tokens)]
     srv.cmd = [python, "-m", VLLM_ENTRY, *args, *extra_args, "--host", "127.0.0.1", "--port", str(srv.port)]
-    env = {"VLLM_CPU_KVCACHE_SPACE": f"{kv_cache_gib:g}"}
+    env = {"VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib)}  # whole GiB: vLLM refuses 0.5
     if threads_bind is not None:
         env["VLLM_CPU_OMP_THREADS_BIND"] = threads_bind
     return with_env(srv, env)

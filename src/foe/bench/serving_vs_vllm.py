@@ -78,9 +78,14 @@ def workloads(cfg: VsVllmConfig, ckpt: Path) -> tuple[dict[str, list[SampleReque
     return loads, make(max(cfg.warmup, 1), cfg.seed + 1000)[: cfg.warmup]
 
 
-def run_vs_vllm(cfg: VsVllmConfig, progress: bool = True) -> dict[str, Any]:
-    """The whole comparison; returns (and writes to out_dir/vs_vllm.json) {config, versions, runs, rows}."""
-    say: Callable[[str], None] = (lambda m: print(m, file=sys.stderr, flush=True)) if progress else (lambda m: None)
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def run_vs_vllm(cfg: VsVllmConfig, progress: bool = True, say: Callable[[str], None] = _stderr) -> dict[str, Any]:
+    """The whole comparison; returns (and writes to out_dir/vs_vllm.json) {config, versions, runs, rows}.
+
+    progress: per-request bars; `say` gets one line per server start and per run either way."""
     vllm_python = cfg.vllm_python or sys.executable
     version = probe_vllm(cfg.vllm_python)
     say(f"vLLM {version} in {vllm_python}")

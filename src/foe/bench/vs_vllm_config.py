@@ -29,7 +29,7 @@ class VsVllmConfig:
     warmup: int = 2
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 512
-    kv_cache_gib: float = 1.0
+    kv_cache_gib: int = 1  # VLLM_CPU_KVCACHE_SPACE takes whole GiB
     foe_threads: int = 1
     serve_args: tuple[str, ...] = field(default_factory=tuple)  # extra `foe serve` arguments
     vllm_args: tuple[str, ...] = field(default_factory=tuple)  # extra vLLM server arguments
@@ -46,8 +46,8 @@ class VsVllmConfig:
             raise ValueError(f"--warmup must be >= 0, got {self.warmup}")
         if not (self.request_rate > 0 and math.isfinite(self.request_rate)):
             raise ValueError(f"--request-rate must be a positive number, got {self.request_rate}")
-        if not self.kv_cache_gib > 0:
-            raise ValueError(f"--kv-cache-gib must be > 0, got {self.kv_cache_gib}")
+        if self.kv_cache_gib < 1:
+            raise ValueError(f"--kv-cache-gib must be a whole number >= 1, got {self.kv_cache_gib}")
         if self.arch not in ("moe", "foe"):
             raise ValueError(f"--arch must be moe or foe, got {self.arch!r}")
         if self.dtype not in ("float32", "bfloat16"):

@@ -122,14 +122,14 @@ def _register_vs_vllm(bench: argparse._SubParsersAction) -> None:
     s.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs, help=f"both servers (default {d.max_num_seqs})")
     s.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens,
                    help=f"tokens per step, both servers (default {d.max_num_batched_tokens})")
-    s.add_argument("--kv-cache-gib", type=float, default=d.kv_cache_gib,
+    s.add_argument("--kv-cache-gib", type=int, default=d.kv_cache_gib,
                    help="vLLM's KV cache, GiB (foe sizes its own: at most 1 GiB by default)")
     s.add_argument("--foe-threads", type=int, default=d.foe_threads,
                    help="OMP_NUM_THREADS of foe serve (default 1: as vLLM, one compute thread)")
     s.add_argument("--serve-arg", action="append", default=[], metavar="ARG", help="extra `foe serve` argument")
     s.add_argument("--vllm-arg", action="append", default=[], metavar="ARG", help="extra vLLM server argument")
     p.add_argument("--out", default=d.out_dir, metavar="DIR", help=f"results and logs (default {d.out_dir})")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no per-request bars (a line per run remains)")
     p.set_defaults(func=vs_vllm)
 
 
