@@ -102,14 +102,27 @@ def test_vllm_command_binds_localhost_and_sets_its_environment(tmp_path: Path) -
                       max_num_batched_tokens=256, tensor_parallel_size=2, kv_cache_gib=2, threads_bind="0|1",
                       extra_args=("--no-enable-prefix-caching",))
     cmd = srv.cmd
-    assert cmd[:4] == ["env", "VLLM_CPU_KVCACHE_SPACE=2", "VLLM_CPU_OMP_THREADS_BIND=0|1", "/venv/bin/python"]
-    assert cmd[4:6] == ["-m", "vllm.entrypoints.openai.api_server"] and "--enforce-eager" in cmd
+    assert cmd[:5] == ["env", "-uOMP_NUM_THREADS", "VLLM_CPU_KVCACHE_SPACE=2", "VLLM_CPU_OMP_THREADS_BIND=0|1",
+                       "/venv/bin/python"]
+    assert cmd[5:7] == ["-m", "vllm.entrypoints.openai.api_server"] and "--enforce-eager" in cmd
     for flag, value in (("--dtype", "bfloat16"), ("--max-num-seqs", "16"), ("--max-num-batched-tokens", "256"),
                         ("--tensor-parallel-size", "2"), ("--host", "127.0.0.1"), ("--port", str(srv.port))):
         assert cmd[cmd.index(flag) + 1] == value
     assert "--no-enable-prefix-caching" in cmd and srv.proc is None  # built, not started
     with pytest.raises(ValueError, match="tensor parallel"):
         vllm_server("python", tmp_path, tmp_path / "log", tensor_parallel_size=0)
+
+
+def test_foe_command_matches_the_settings(tmp_path: Path) -> None:
+    cfg = VsVllmConfig(dtype="bfloat16", max_num_seqs=16, max_num_batched_tokens=256, serve_args=("--block-size=32",))
+    cmd = vs.make_server(cfg, "foe", tmp_path, "unused", tmp_path / "log").cmd
+    assert cmd[:2] == ["env", "-uOMP_NUM_THREADS"]  # foe's own thread choice, not the caller's shell's
+    for flag, value in (("--checkpoint", str(tmp_path)), ("--dtype", "bfloat16"), ("--max-num-seqs", "16"),
+                        ("--max-num-batched-tokens", "256"), ("--host", "127.0.0.1")):
+        assert cmd[cmd.index(flag) + 1] == value
+    assert "--block-size=32" in cmd
+    cmd = vs.make_server(VsVllmConfig(foe_threads=2), "foe", tmp_path, "unused", tmp_path / "log").cmd
+    assert cmd[:2] == ["env", "OMP_NUM_THREADS=2"]
 
 
 TINY = dict(preset="tiny", num_prompts=4, single_prompts=2, input_len=24, output_len=6, warmup=1,

@@ -53,10 +53,11 @@ def probe_vllm(python: str | None = None) -> str:
     return words[1]
 
 
-def with_env(server: ServerProcess, env: dict[str, str]) -> ServerProcess:
-    """The same server started with extra environment variables (`env` execs it: same pid and group)."""
-    if env:
-        server.cmd = ["env", *(f"{k}={v}" for k, v in env.items()), *server.cmd]
+def with_env(server: ServerProcess, env: dict[str, str], unset: tuple[str, ...] = ()) -> ServerProcess:
+    """The same server started with extra (and without `unset`) environment variables; `env` execs it, so
+    the pid and process group are the server's."""
+    if env or unset:
+        server.cmd = ["env", *(f"-u{k}" for k in unset), *(f"{k}={v}" for k, v in env.items()), *server.cmd]
     return server
 
 
@@ -81,7 +82,8 @@ def vllm_server(python: str, model_dir: str | Path, log_path: str | Path, *, dty
     env = {"VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib)}  # whole GiB: vLLM refuses 0.5
     if threads_bind is not None:
         env["VLLM_CPU_OMP_THREADS_BIND"] = threads_bind
-    return with_env(srv, env)
+    # vLLM's binding picks the compute threads; an OMP_NUM_THREADS of the caller's shell would not apply to both
+    return with_env(srv, env, unset=("OMP_NUM_THREADS",))
 
 
 __all__ = ["probe_vllm", "vllm_server", "with_env", "INSTALL_HINT"]

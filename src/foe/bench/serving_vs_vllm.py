@@ -9,9 +9,10 @@ request at a time. The load generator, metrics and JSON writer are `foe bench se
 Settings kept alike: dtype, max sequences per step, tokens per step (the chunked-prefill budget), about
 1 GiB of KV cache each, no prefix caching (foe's default; vLLM's is on, which would favour it on
 repeated prompts), greedy sampling with ignore_eos so both generate exactly the requested tokens.
-Threads: vLLM's CPU worker binds one compute thread (`auto`: on 2 cores, core 0 computes and core 1 is
-left to its API process); `foe serve` runs with OMP_NUM_THREADS=foe_threads (default 1), unpinned, so
-its HTTP thread has the other core.
+Threads: both servers choose their own, with the caller's OMP_NUM_THREADS removed. vLLM's CPU worker
+binds its compute threads (`auto`: all cores but one, which is left to its API process; on 2 cores,
+core 0 computes); `foe serve`'s engine core also computes on the cores less one (unpinned), its API
+process keeping the rest. `foe_threads` sets foe's OMP_NUM_THREADS instead.
 """
 
 from __future__ import annotations
@@ -66,8 +67,10 @@ def make_server(cfg: VsVllmConfig, engine: str, ckpt: Path, vllm_python: str, lo
                            ready_timeout_s=cfg.ready_timeout_s)
     args = ["--checkpoint", str(ckpt), "--dtype", cfg.dtype, "--max-num-seqs", str(cfg.max_num_seqs),
             "--max-num-batched-tokens", str(cfg.max_num_batched_tokens), *cfg.serve_args]
-    return with_env(ServerProcess(args, log, ready_timeout_s=cfg.ready_timeout_s),
-                    {"OMP_NUM_THREADS": str(cfg.foe_threads)})
+    srv = ServerProcess(args, log, ready_timeout_s=cfg.ready_timeout_s)
+    if cfg.foe_threads is None:  # foe serve's own choice, not whatever the caller's shell set
+        return with_env(srv, {}, unset=("OMP_NUM_THREADS",))
+    return with_env(srv, {"OMP_NUM_THREADS": str(cfg.foe_threads)})
 
 
 def workloads(cfg: VsVllmConfig, ckpt: Path) -> tuple[dict[str, list[SampleRequest]], list[SampleRequest]]:

@@ -30,7 +30,7 @@ class VsVllmConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 512
     kv_cache_gib: int = 1  # VLLM_CPU_KVCACHE_SPACE takes whole GiB
-    foe_threads: int = 1
+    foe_threads: int | None = None  # None: foe serve's own choice (OMP_NUM_THREADS unset)
     serve_args: tuple[str, ...] = field(default_factory=tuple)  # extra `foe serve` arguments
     vllm_args: tuple[str, ...] = field(default_factory=tuple)  # extra vLLM server arguments
     ready_timeout_s: float = 300.0
@@ -40,7 +40,7 @@ class VsVllmConfig:
             raise ValueError(f"scenarios must be among {list(SCENARIOS)}, got {list(self.scenarios)}")
         for name in ("num_prompts", "single_prompts", "input_len", "output_len", "repeats", "max_num_seqs",
                      "max_num_batched_tokens", "foe_threads"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.warmup < 0:
             raise ValueError(f"--warmup must be >= 0, got {self.warmup}")

@@ -125,7 +125,8 @@ def _register_vs_vllm(bench: argparse._SubParsersAction) -> None:
     s.add_argument("--kv-cache-gib", type=int, default=d.kv_cache_gib,
                    help="vLLM's KV cache, GiB (foe sizes its own: at most 1 GiB by default)")
     s.add_argument("--foe-threads", type=int, default=d.foe_threads,
-                   help="OMP_NUM_THREADS of foe serve (default 1: as vLLM, one compute thread)")
+                   help="OMP_NUM_THREADS of foe serve (default: unset, foe's own choice: the cores less one, "
+                        "as vLLM's)")
     s.add_argument("--serve-arg", action="append", default=[], metavar="ARG", help="extra `foe serve` argument")
     s.add_argument("--vllm-arg", action="append", default=[], metavar="ARG", help="extra vLLM server argument")
     p.add_argument("--out", default=d.out_dir, metavar="DIR", help=f"results and logs (default {d.out_dir})")
