@@ -13,8 +13,13 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
+from foe.bench.datasets import SampleRequest
+from foe.bench.serving import first_model
+from foe.bench.serving_compare import _warm_up
 from foe.bench.serving_server import ServerProcess
 
 VLLM_ENTRY = "vllm.entrypoints.openai.api_server"
@@ -86,4 +91,40 @@ def vllm_server(python: str, model_dir: str | Path, log_path: str | Path, *, dty
     return with_env(srv, env, unset=("OMP_NUM_THREADS",))
 
 
-__all__ = ["probe_vllm", "vllm_server", "with_env", "INSTALL_HINT"]
+def start_warm(srv: ServerProcess, warm: list[SampleRequest], label: str, say: Callable[[str], None]) -> str:
+    """Start a server (the caller has registered its stop), send the warm-up requests; returns the model id."""
+    say(f"[{label}] starting: {' '.join(srv.cmd)}\n[{label}] log: {srv.log_path}")
+    t0 = time.perf_counter()
+    srv.start()
+    model = first_model(srv.url)
+    if warm:
+        _warm_up(srv.url, model, warm)
+    say(f"[{label}] ready and warm after {time.perf_counter() - t0:.1f} s on {srv.url}")
+    return model
+
+
+def bench_checkpoint(checkpoint: str | None, out_dir: str | Path, preset: str, arch: str, seed: int,
+                     say: Callable[[str], None]) -> Path:
+    """The checkpoint to serve: `checkpoint` (a run directory resolves to its latest), which must hold the
+    tokenizer.json vLLM needs, or a random-weight preset written once under out_dir with the byte-level one."""
+    from foe.tokenizer import byte_level_tokenizer, save_tokenizer
+    if checkpoint is not None:
+        from foe.train.checkpointing import resolve_checkpoint
+        path = resolve_checkpoint(checkpoint)
+        if not (path / "tokenizer.json").is_file():
+            raise ValueError(f"{path} has no tokenizer.json, which vLLM needs; write the byte-level one with "
+                             f"`python -c \"from foe.tokenizer import *; save_tokenizer(byte_level_tokenizer(), "
+                             f"'{path}')\"` if that is the tokenizer it was made with")
+        return path
+    path = Path(out_dir) / f"checkpoint-{preset}-{arch}-seed{seed}"
+    if (path / "model.safetensors").is_file() and (path / "tokenizer.json").is_file():
+        say(f"using the checkpoint written earlier in {path}")
+        return path
+    subprocess.run([sys.executable, "-m", "foe.cli.main", "init", "--preset", preset, "--arch", arch,
+                    "--seed", str(seed), "--out", str(path), "--force"], check=True, stdout=subprocess.DEVNULL)
+    save_tokenizer(byte_level_tokenizer(), path)
+    say(f"wrote a random-weight {preset} {arch} checkpoint to {path}")
+    return path
+
+
+__all__ = ["bench_checkpoint", "probe_vllm", "start_warm", "vllm_server", "with_env", "INSTALL_HINT"]

@@ -18,7 +18,6 @@ process keeping the rest. `foe_threads` sets foe's OMP_NUM_THREADS instead.
 from __future__ import annotations
 
 import contextlib
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -26,38 +25,12 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from foe.bench.datasets import SampleRequest, get_tokenizer, random_dataset
 from foe.bench.serving import ServeBenchConfig, run_benchmark, write_json
-from foe.bench.serving_compare import _warm_up
 from foe.bench.serving_server import ServerProcess
-from foe.bench.serving_vllm import probe_vllm, vllm_server, with_env
+from foe.bench.serving_vllm import bench_checkpoint, probe_vllm, start_warm, vllm_server, with_env
 from foe.bench.vs_vllm_config import SCENARIOS, VsVllmConfig, run_order
 from foe.bench.vs_vllm_report import format_ratio_table, plot_ratios, ratio_rows
-
-def prepare_checkpoint(cfg: VsVllmConfig, say: Callable[[str], None]) -> Path:
-    """The checkpoint both servers load: --checkpoint, or a random-weight preset written (once) under out_dir
-    with the byte-level tokenizer.json that vLLM needs."""
-    from foe.tokenizer import byte_level_tokenizer, save_tokenizer
-    if cfg.checkpoint is not None:
-        from foe.train.checkpointing import resolve_checkpoint
-        path = resolve_checkpoint(cfg.checkpoint)
-        if not (path / "tokenizer.json").is_file():
-            raise ValueError(f"{path} has no tokenizer.json, which vLLM needs; write the byte-level one with "
-                             f"`python -c \"from foe.tokenizer import *; save_tokenizer(byte_level_tokenizer(), "
-                             f"'{path}')\"` if that is the tokenizer it was made with")
-        return path
-    path = Path(cfg.out_dir) / f"checkpoint-{cfg.preset}-{cfg.arch}-seed{cfg.seed}"
-    if (path / "model.safetensors").is_file() and (path / "tokenizer.json").is_file():
-        say(f"using the checkpoint written earlier in {path}")
-        return path
-    subprocess.run([sys.executable, "-m", "foe.cli.main", "init", "--preset", cfg.preset, "--arch", cfg.arch,
-                    "--seed", str(cfg.seed), "--out", str(path), "--force"], check=True, stdout=subprocess.DEVNULL)
-    save_tokenizer(byte_level_tokenizer(), path)
-    say(f"wrote a random-weight {cfg.preset} {cfg.arch} checkpoint to {path}")
-    return path
-
 
 def make_server(cfg: VsVllmConfig, engine: str, ckpt: Path, vllm_python: str, log: Path) -> ServerProcess:
     if engine == "vllm":
@@ -92,7 +65,7 @@ def run_vs_vllm(cfg: VsVllmConfig, progress: bool = True, say: Callable[[str], N
     vllm_python = cfg.vllm_python or sys.executable
     version = probe_vllm(cfg.vllm_python)
     say(f"vLLM {version} in {vllm_python}")
-    ckpt = prepare_checkpoint(cfg, say)
+    ckpt = bench_checkpoint(cfg.checkpoint, cfg.out_dir, cfg.preset, cfg.arch, cfg.seed, say)
     loads, warm = workloads(cfg, ckpt)
     out = Path(cfg.out_dir)
     t0 = time.perf_counter()
@@ -104,15 +77,9 @@ def run_vs_vllm(cfg: VsVllmConfig, progress: bool = True, say: Callable[[str], N
             if engine != current:
                 if srv is not None:
                     srv.stop()  # one server at a time
-                say(f"[{engine}] starting (repeat {repeat + 1}/{cfg.repeats}), log {out / f'server-{engine}.log'}")
-                t_start = time.perf_counter()
                 srv = make_server(cfg, engine, ckpt, vllm_python, out / f"server-{engine}.log")
                 stack.callback(srv.stop)
-                srv.start()
-                model = httpx.get(srv.url + "/v1/models", timeout=10).json()["data"][0]["id"]
-                if warm:
-                    _warm_up(srv.url, model, warm)
-                say(f"[{engine}] ready and warm after {time.perf_counter() - t_start:.1f} s on {srv.url}")
+                model = start_warm(srv, warm, f"{engine}, repeat {repeat + 1}/{cfg.repeats}", say)
                 current = engine
             assert srv is not None
             for name in cfg.scenarios:

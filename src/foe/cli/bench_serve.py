@@ -70,7 +70,8 @@ def register(commands: argparse._SubParsersAction, bench: argparse._SubParsersAc
     p.add_argument("--preset", default="small", help="model size for both (default small)")
     p.add_argument("--checkpoint-moe", default=None, metavar="DIR")
     p.add_argument("--checkpoint-foe", default=None, metavar="DIR")
-    p.add_argument("--moe-strategy", choices=("ep", "tp"), default="ep")
+    p.add_argument("--moe-strategy", choices=("ep", "tp"), default=None,
+                   help="the MoE baseline's parallelism (default ep; tp with --engine vllm, whose ep crashes on the CPU)")
     p.add_argument("--nproc", type=int, default=2, help="ranks per server, the same for both (default 2)")
     p.add_argument("--scales", type=_floats, default=(0.5, 0.75, 1.5),
                    help="the paper's arrival scales, s (default 0.5,0.75,1.5)")
@@ -84,6 +85,14 @@ def register(commands: argparse._SubParsersAction, bench: argparse._SubParsersAc
     p.add_argument("--serve-arg", action="append", default=[], metavar="ARG",
                    help="extra argument for `foe serve` (repeatable, e.g. --serve-arg=--max-num-seqs=16)")
     p.add_argument("--no-progress", action="store_true")
+    v = p.add_argument_group("inside vLLM (issue 14)")
+    v.add_argument("--engine", choices=("foe", "vllm"), default="foe",
+                   help="serve both with `foe serve` (default) or with vLLM and foe's plugin, one at a time: "
+                        "FoE as group parallel, MoE as vLLM's tensor parallel, --nproc ranks each")
+    v.add_argument("--vllm-python", default=None, metavar="PYTHON",
+                   help="interpreter with vLLM and foe's plugin (default: this one, if it has them)")
+    v.add_argument("--vllm-arg", action="append", default=[], metavar="ARG", help="extra vLLM server argument")
+    v.add_argument("--kv-cache-gib", type=int, default=1, help="vLLM's KV cache per server, whole GiB (default 1)")
     _add_workload_args(p, longbench_only=True)
     p.set_defaults(func=compare)
     _register_vs_vllm(bench)
@@ -170,13 +179,21 @@ def serve(args: argparse.Namespace) -> int:
 def compare(args: argparse.Namespace) -> int:
     from foe.bench.serving_compare import CompareConfig, format_compare_table, run_compare
 
+    if args.engine == "foe" and (args.vllm_python or args.vllm_arg):
+        raise ValueError("--vllm-python and --vllm-arg need --engine vllm")
+    strategy = args.moe_strategy or ("tp" if args.engine == "vllm" else "ep")
     cfg = CompareConfig(out_dir=args.out, preset=args.preset, checkpoint_moe=args.checkpoint_moe,
-                        checkpoint_foe=args.checkpoint_foe, moe_strategy=args.moe_strategy, nproc=args.nproc,
+                        checkpoint_foe=args.checkpoint_foe, moe_strategy=strategy, nproc=args.nproc,
                         paper_scales_s=tuple(args.scales), time_scale=args.time_scale, num_prompts=args.num_prompts,
                         longbench_scale=args.longbench_scale, longbench_output_scale=args.longbench_output_scale,
                         prompt_format=args.prompt_format, burstiness=args.burstiness, seed=args.seed,
                         warmup=args.warmup, serve_args=tuple(args.serve_arg))
-    result = run_compare(cfg, progress=not args.no_progress)
+    if args.engine == "vllm":
+        from foe.bench.serving_compare_vllm import run_compare_vllm
+        result = run_compare_vllm(cfg, args.vllm_python, args.kv_cache_gib, tuple(args.vllm_arg),
+                                  progress=not args.no_progress)
+    else:
+        result = run_compare(cfg, progress=not args.no_progress)
     print(format_compare_table(result["rows"]))
     print(f"wrote {args.out}/compare.json and {args.out}/latency_cdfs.png ({result['wall_s']:.0f} s)")
     return 0
