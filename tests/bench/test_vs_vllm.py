@@ -24,7 +24,7 @@ from foe.cli.main import main
 def _run(engine: str, repeat: int, scenario: str, tput: float, ttft: float, failed: int = 0) -> dict[str, Any]:
     return {"engine": engine, "repeat": repeat, "scenario": scenario, "num_prompts": 8, "request_rate": 4.0,
             "failed": failed, "output_throughput": tput, "median_ttft_ms": ttft, "median_tpot_ms": 10.0,
-            "median_e2el_ms": 100.0}
+            "median_e2el_ms": 100.0, "median_itl_ms": 0.0 if engine == "vllm" and scenario == "single" else 5.0}
 
 
 def test_ratio_rows_pair_repeats_and_give_median_and_range() -> None:
@@ -41,6 +41,7 @@ def test_ratio_rows_pair_repeats_and_give_median_and_range() -> None:
     table = format_ratio_table(rows)
     assert "fixed rate 4/s, 8 req" in table and "0.55" in table and "0.50-0.60" in table
     assert "1 foe / 0 vLLM requests failed" in table and "range (2 repeats)" in table
+    assert rows[0]["bursty"] == [] and "bursts" not in table
 
 
 def test_ratio_rows_need_both_engines_and_survive_a_zero() -> None:
@@ -48,6 +49,7 @@ def test_ratio_rows_need_both_engines_and_survive_a_zero() -> None:
         ratio_rows([_run("foe", 0, "single", 1, 1)], ["single"])
     rows = ratio_rows([_run("foe", 0, "single", 5, 1), _run("vllm", 0, "single", 0, 1)], ["single"])
     assert math.isnan(rows[0]["ratio_median"])
+    assert rows[0]["bursty"] == ["vllm"] and "vLLM's tokens arrived in bursts" in format_ratio_table(rows)
 
 
 def test_plot_ratios_writes_a_png(tmp_path: Path) -> None:

@@ -4,6 +4,8 @@ Per run (one engine, one repeat, one scenario): output throughput and the median
 TTFT, TPOT and E2E (`foe bench serve`'s keys). Repeat r of foe is divided by repeat r of vLLM; the
 table gives the median over repeats of each engine's value and of the ratio, and the ratios' range,
 which is the noise the repeats show. Throughput ratio > 1: foe faster; latency ratio < 1: foe faster.
+A stream whose median gap between events is under BURST_MS arrived in bursts (a starved API process or
+client reads many tokens at once): its TTFT and TPOT then are not per-token times, and the table says so.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any
 # (key in a run's result, label, unit)
 RATIO_METRICS = (("output_throughput", "throughput", "tok/s"), ("median_ttft_ms", "TTFT p50", "ms"),
                  ("median_tpot_ms", "TPOT p50", "ms"), ("median_e2el_ms", "E2E p50", "ms"))
+BURST_MS = 0.1
 SCENARIO_LABELS = {"saturation": "all at once", "rate": "fixed rate", "single": "one at a time"}
 
 
@@ -32,6 +35,8 @@ def ratio_rows(runs: Sequence[dict[str, Any]], scenarios: Sequence[str]) -> list
         if not repeats:
             raise ValueError(f"scenario {sc!r}: no repeat was run on both engines")
         failed = {e: sum(d[r]["failed"] for r in repeats) for e, d in (("foe", foe), ("vllm", vllm))}
+        bursty = [e for e, d in (("foe", foe), ("vllm", vllm))
+                  if any(d[r].get("median_itl_ms", BURST_MS) < BURST_MS for r in repeats)]
         ref = vllm[repeats[0]]
         for key, label, unit in RATIO_METRICS:
             f = [float(foe[r][key]) for r in repeats]
@@ -41,7 +46,8 @@ def ratio_rows(runs: Sequence[dict[str, Any]], scenarios: Sequence[str]) -> list
                          "num_prompts": ref["num_prompts"], "request_rate": ref["request_rate"],
                          "foe": f, "vllm": v, "ratios": ratios, "foe_median": statistics.median(f),
                          "vllm_median": statistics.median(v), "ratio_median": statistics.median(ratios),
-                         "ratio_min": min(ratios), "ratio_max": max(ratios), "failed": failed})
+                         "ratio_min": min(ratios), "ratio_max": max(ratios), "failed": failed,
+                         "bursty": bursty})
     return rows
 
 
@@ -54,7 +60,7 @@ def format_ratio_table(rows: Sequence[dict[str, Any]]) -> str:
     """foe / vLLM per scenario and metric: medians over repeats, the ratio's median and range."""
     n = len(rows[0]["ratios"]) if rows else 0
     head = ("scenario", "metric", "foe", "vLLM", "foe/vLLM", f"range ({n} repeat{'s' * (n != 1)})")
-    body = []
+    body, notes = [], []
     last = None
     for row in rows:
         sc = scenario_label(row)
@@ -62,13 +68,16 @@ def format_ratio_table(rows: Sequence[dict[str, Any]]) -> str:
                      f"{row['vllm_median']:.1f}", f"{row['ratio_median']:.2f}",
                      f"{row['ratio_min']:.2f}-{row['ratio_max']:.2f}"))
         if sc != last and any(row["failed"].values()):
-            body[-1] = (*body[-1][:-1], body[-1][-1] + f"  ({row['failed']['foe']} foe / "
-                                                       f"{row['failed']['vllm']} vLLM requests failed)")
+            notes.append(f"{sc}: {row['failed']['foe']} foe / {row['failed']['vllm']} vLLM requests failed")
+        if sc != last and row.get("bursty"):
+            names = " and ".join("vLLM" if e == "vllm" else e for e in row["bursty"])
+            notes.append(f"{sc}: {names}'s tokens arrived in bursts (median gap between stream events "
+                         f"< {BURST_MS:g} ms): its TTFT/TPOT are not per-token times; compare E2E")
         last = sc
     widths = [max(len(r[i]) for r in (head, *body)) for i in range(len(head))]
     fmt = lambda r: "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
     lines = ["foe serve / vLLM (throughput > 1 or latency < 1: foe better); values are medians over repeats",
-             fmt(head), "-" * len(fmt(head)), *map(fmt, body)]
+             fmt(head), "-" * len(fmt(head)), *map(fmt, body), *(f"* {n}" for n in notes)]
     return "\n".join(line.rstrip() for line in lines)
 
 
