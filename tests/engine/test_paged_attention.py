@@ -106,22 +106,31 @@ def test_an_idle_rank_runs_an_empty_step() -> None:
     assert runner.execute([]).shape == (0, runner.model.cfg.vocab_size)
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
-def test_kernel_equals_the_torch_path_in_other_dtypes(dtype: torch.dtype) -> None:
-    """float64 accumulates in double (to 1e-12 of the torch path); bf16 reads bf16 pages."""
+# (N, M, K, block size): any size, and the compile-time sizes the kernel specialises (block 16, K 32/64/128)
+SHAPES = [(8, 2, 16, 4), (8, 4, 32, 16), (16, 4, 64, 16), (4, 1, 128, 16), (6, 3, 48, 16)]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "N{}-M{}-K{}-bs{}".format(*s))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_kernel_against_a_float64_reference(dtype: torch.dtype, shape: tuple[int, int, int, int]) -> None:
+    """float64 accumulates in double (to 1e-12); float32 to 1e-5; bf16 reads bf16 pages."""
     if not kernels.decode_kernel_available(torch.device("cpu")):
         pytest.skip("native kernel not buildable here")
     g = torch.Generator().manual_seed(0)
-    D, N, M, K, bs, W = 5, 8, 2, 16, 4, 6
-    pool_k, pool_v = (torch.randn(40 * bs, M, K, generator=g).to(dtype) for _ in range(2))
+    N, M, K, bs = shape
+    D, W = 5, 6
+    k_pool = torch.randn(40, M, K, bs, generator=g).to(dtype)  # KVPool's layouts
+    v_pool = torch.randn(40, bs, M, K, generator=g).to(dtype)
     table = torch.randperm(40, generator=g)[:D * W].view(D, W)
-    lens = torch.tensor([1, 5, 24, 13, 8])
+    lens = torch.tensor([1, 5, W * bs, 13, 2 * bs])
     q = torch.randn(D, N, K, generator=g).to(dtype)
-    got = kernels.paged_decode_attention(q, pool_k, pool_v, table, lens, bs)
-    slots = (table[:, :, None] * bs + torch.arange(bs)).view(D, -1)
+    got = kernels.paged_decode_attention(q, k_pool, v_pool, table, lens)
+    # reference: each row's keys and values in token order, float64, a masked SDPA
+    k = k_pool.double()[table].permute(0, 2, 1, 4, 3).reshape(D, M, W * bs, K)
+    v = v_pool.double()[table].reshape(D, W * bs, M, K).transpose(1, 2)
     mask = (torch.arange(W * bs)[None, :] < lens[:, None])[:, None, None]
-    k, v = (p.double()[slots].transpose(1, 2) for p in (pool_k, pool_v))
     ref = torch.nn.functional.scaled_dot_product_attention(q.double().unsqueeze(2), k, v, attn_mask=mask,
                                                            enable_gqa=True)[:, :, 0]
-    tol = dict(atol=1e-12, rtol=0) if dtype == torch.float64 else dict(atol=2e-2, rtol=2e-2)
+    tol = {torch.float64: dict(atol=1e-12, rtol=0), torch.float32: dict(atol=1e-5, rtol=1e-5),
+           torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}[dtype]
     torch.testing.assert_close(got.double(), ref, **tol)

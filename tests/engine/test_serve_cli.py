@@ -113,8 +113,8 @@ def test_port_0_prints_the_bound_port_once_serving_and_a_signal_stops_it(sig: si
 
 
 def test_after_the_drain_timeout_requests_in_flight_are_aborted_not_cut_off() -> None:
-    with serve("--drain-timeout", "0.5") as (proc, url), ThreadPoolExecutor(1) as pool:
-        body = {"prompt": "Hi", "max_tokens": 250, "n": 16, "ignore_eos": True}  # 4000 tokens: over 0.5 s
+    with serve("--drain-timeout", "0.05") as (proc, url), ThreadPoolExecutor(1) as pool:
+        body = {"prompt": "Hi", "max_tokens": 250, "n": 16, "ignore_eos": True}  # 250 steps: well over 0.05 s
         pending = pool.submit(httpx.post, url + "/v1/completions", json=body, timeout=60)
         deadline = time.monotonic() + 10
         while "foe_num_requests_running 16" not in httpx.get(url + "/metrics", timeout=5).text:

@@ -16,6 +16,7 @@ MODULES = (
     "foe.cli.model_cmds",  # info, init, generate
     "foe.cli.bench_model",  # bench model
     "foe.cli.bench_forward",  # bench forward
+    "foe.cli.bench_step",  # bench step
     "foe.cli.serve_cmd",  # serve
     "foe.cli.bench_serve",  # bench serve, bench compare
     "foe.cli.train_cmds",  # train, eval, compare-quality
@@ -43,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"foe {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     bench = commands.add_parser(
-        "bench", help="benchmarks: forward, model, engine, serve, compare",
+        "bench", help="benchmarks: forward, model, step, engine, serve, compare, vs-vllm",
         description="Benchmarks that print tables and write JSON (and PNG plots where useful).",
     ).add_subparsers(dest="bench_command", metavar="BENCHMARK", required=True)
     for name in MODULES:

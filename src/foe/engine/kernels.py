@@ -28,7 +28,7 @@ def _extension() -> ModuleType | None:
         return None
     try:
         from torch.utils.cpp_extension import get_default_build_root, load
-        if not (Path(get_default_build_root()) / NAME / f"{NAME}.so").exists():
+        if not any(Path(get_default_build_root()).glob(f"*/{NAME}/{NAME}.so")):
             print(f"foe: compiling the native paged-attention kernel (first use only, ~30 s) into "
                   f"{get_default_build_root()}", file=sys.stderr, flush=True)
         # -ffast-math lets gcc call glibc's vector exp in the softmax; float64 still agrees with the
@@ -47,9 +47,10 @@ def decode_kernel_available(device: torch.device) -> bool:
 
 
 def paged_decode_attention(q_DNK: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
-                           table_DW: torch.Tensor, lens_D: torch.Tensor, block_size: int) -> torch.Tensor:
-    """o_DNK: query d (one token) attends to keys 0..lens[d]-1 of its blocks table[d] in one layer's pool
-    [slots, M, K] (slot = block * block_size + offset); query head n reads KV head n // (N / M)."""
+                           table_DW: torch.Tensor, lens_D: torch.Tensor) -> torch.Tensor:
+    """o_DNK: query d (one token) attends to keys 0..lens[d]-1 held by its blocks table[d], in one layer
+    of a `KVPool` (k_pool [blocks, M, K, block_size], v_pool [blocks, block_size, M, K]); query head n
+    reads KV head n // (N / M)."""
     ext = _extension()
     assert ext is not None, "check decode_kernel_available first"
-    return ext.paged_decode_attention(q_DNK, k_pool, v_pool, table_DW, lens_D, block_size, q_DNK.shape[-1] ** -0.5)
+    return ext.paged_decode_attention(q_DNK, k_pool, v_pool, table_DW, lens_D, q_DNK.shape[-1] ** -0.5)

@@ -134,15 +134,26 @@ class BlockManager:
 
 
 class KVPool:
-    """The K and V tensors of one rank: [n_layers, (num_blocks + 1) * block_size, H, K] each."""
+    """The K and V tensors of one rank, one block per row of the second axis:
+
+    - keys   [n_layers, num_blocks + 1, H, K, block_size]: transposed within a block, so that a query's
+      scores against a block's tokens are K vector multiply-adds across the block (the decode kernel);
+    - values [n_layers, num_blocks + 1, block_size, H, K]: a token's value rows are contiguous.
+    Token slot s lives in block s // block_size at offset s % block_size."""
 
     def __init__(self, n_layers: int, num_blocks: int, block_size: int, n_kv_heads: int, head_dim: int,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
-        shape = (n_layers, (num_blocks + 1) * block_size, n_kv_heads, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.k = torch.zeros(n_layers, num_blocks + 1, n_kv_heads, head_dim, block_size, dtype=dtype, device=device)
+        self.v = torch.zeros(n_layers, num_blocks + 1, block_size, n_kv_heads, head_dim, dtype=dtype, device=device)
         self.num_blocks, self.block_size = num_blocks, block_size
+        self.num_kv_heads, self.head_dim = n_kv_heads, head_dim
         self._buffers: tuple[torch.Tensor, torch.Tensor] | None = None  # see gather_buffers
+
+    def write(self, layer: int, block_T: torch.Tensor, offset_T: torch.Tensor, k_TMK: torch.Tensor,
+              v_TMK: torch.Tensor) -> None:
+        """Store T tokens' keys and values at (block, offset)."""
+        self.k[layer][block_T, :, :, offset_T] = k_TMK.to(self.k.dtype)
+        self.v[layer][block_T, offset_T] = v_TMK.to(self.v.dtype)
 
     @classmethod
     def for_model(cls, model: Transformer, num_blocks: int, block_size: int) -> KVPool:
@@ -154,18 +165,21 @@ class KVPool:
     def scratch_block(self) -> int:
         return self.num_blocks
 
-    def block_view(self, pool: torch.Tensor, layer: int) -> torch.Tensor:
-        """One layer of `self.k` or `self.v` as [num_blocks + 1, block_size * H * K]: a block is one row."""
-        return pool[layer].view(self.num_blocks + 1, -1)
+    def gather(self, layer: int, blocks: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of `blocks` (rows x W of them, row-major), as [rows, H, W * block_size, K] each.
 
-    def gather_buffers(self, num_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Two [num_blocks, block_size * H * K] buffers to gather blocks into. They persist and only grow,
-        so a step's gathers reuse warm memory; each layer overwrites the last one's contents."""
-        row = self.k[0, :self.block_size].numel()
-        if self._buffers is None or self._buffers[0].shape[0] < num_blocks:
-            rows = max(num_blocks, 2 * (self._buffers[0].shape[0] if self._buffers else 0))
-            self._buffers = (self.k.new_empty(rows, row), self.v.new_empty(rows, row))
-        return self._buffers[0][:num_blocks], self._buffers[1][:num_blocks]
+        Blocks are copied whole (`index_select` of contiguous rows into buffers that persist and only grow,
+        so no fresh pages per layer); keys are then transposed back into token order."""
+        n, bs, H, K = blocks.numel(), self.block_size, self.num_kv_heads, self.head_dim
+        if self._buffers is None or self._buffers[0].shape[0] < n:
+            size = max(n, 2 * (self._buffers[0].shape[0] if self._buffers else 0))
+            self._buffers = (self.k.new_empty(size, H * K * bs), self.v.new_empty(size, bs * H * K))
+        k_buf, v_buf = self._buffers[0][:n], self._buffers[1][:n]
+        torch.index_select(self.k[layer].view(self.num_blocks + 1, -1), 0, blocks, out=k_buf)
+        torch.index_select(self.v[layer].view(self.num_blocks + 1, -1), 0, blocks, out=v_buf)
+        W = n // rows
+        k = k_buf.view(rows, W, H, K, bs).permute(0, 2, 1, 4, 3).reshape(rows, H, W * bs, K)
+        return k, v_buf.view(rows, W * bs, H, K).transpose(1, 2)
 
     @property
     def nbytes(self) -> int:

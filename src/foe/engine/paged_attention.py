@@ -3,7 +3,7 @@ step) and `PagedKVCache` (the model's `KVCache`, one per forward).
 
 A step is one flat token stream [1, T]: the decode rows (one token each) first, then the multi-token
 rows (prompt chunks). Per layer, `PagedKVCache.attend`
-- writes the new keys/values by slot (one `index_copy_` each);
+- writes the new keys/values by (block, offset) (`KVPool.write`);
 - decode rows: one call of the native kernel (`kernels.py`) reads their keys and values in place from
   their blocks. Without the kernel (no compiler, or a CUDA pool), their blocks are gathered whole, as
   contiguous block-sized rows (`index_select` into a buffer every layer reuses, so no per-slot indexing
@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.profiler import record_function
 
 from foe.engine import kernels
 from foe.engine.kv_cache import KVPool, blocks_needed
@@ -44,7 +45,9 @@ class PackedStep:
 
     input_ids: torch.Tensor  # [1, T]
     pos: torch.Tensor  # [1, T] absolute positions
-    slots: torch.Tensor  # [T] pool slot of each token
+    slots: torch.Tensor  # [T] pool slot of each token: block * block_size + offset
+    slot_blocks: torch.Tensor  # [T] slots // block_size
+    slot_offsets: torch.Tensor  # [T] slots % block_size
     logits_at: torch.Tensor  # [N] packed-stream rows whose logits are wanted, in packed order
     restore: torch.Tensor | None  # logits in packed order -> row order (None: same order)
     num_decode: int  # the first num_decode tokens are decode rows, one each
@@ -101,8 +104,10 @@ class PackedStep:
             at = dict(zip(order, starts))
             restore = torch.tensor([at[i] + k for i in range(len(rows)) for k in range(rows[i].num_logits)],
                                    dtype=torch.long)
+        all_slots = torch.cat([dec_slots, *slots])
         return cls(input_ids=torch.tensor(ids, dtype=torch.long).view(1, -1),
-                   pos=torch.cat([dp, *pos]).view(1, -1), slots=torch.cat([dec_slots, *slots]),
+                   pos=torch.cat([dp, *pos]).view(1, -1), slots=all_slots, slot_blocks=all_slots // bs,
+                   slot_offsets=all_slots % bs,
                    logits_at=torch.tensor(logits_at, dtype=torch.long), restore=restore,
                    num_decode=len(dec_pos), decode_table=dec_blocks, decode_lens=dp + 1, decode_mask=decode_mask,
                    context_rows=context_rows)
@@ -114,28 +119,13 @@ class PagedKVCache(KVCache):
     def __init__(self, pool: KVPool, step: PackedStep, use_kernel: bool) -> None:
         self.pool, self.step, self.use_kernel = pool, step, use_kernel
 
-    def _gather(self, layer: int, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of `blocks`, [n, H, len(blocks) / n * block_size, K] after the caller's view."""
-        k_buf, v_buf = self.pool.gather_buffers(blocks.numel())
-        torch.index_select(self.pool.block_view(self.pool.k, layer), 0, blocks, out=k_buf)
-        torch.index_select(self.pool.block_view(self.pool.v, layer), 0, blocks, out=v_buf)
-        return k_buf, v_buf
-
-    def _keys(self, buf: torch.Tensor, rows: int, dtype: torch.dtype) -> torch.Tensor:
-        """[rows * W, block] -> [rows, H, W * block_size, K] for SDPA (a view; no copy unless dtypes differ)."""
-        H, K = self.pool.k.shape[2:]
-        return buf.view(rows, -1, H, K).transpose(1, 2).to(dtype)
-
     def attend(self, layer: int, q_BNLK: torch.Tensor, k_BMLK: torch.Tensor, v_BMLK: torch.Tensor,
                pos_BL: torch.Tensor) -> torch.Tensor:
         _, N, T, K = q_BNLK.shape
         M = k_BMLK.shape[1]
         gqa = N != M
-        k_pool, v_pool = self.pool.k[layer], self.pool.v[layer]
-        k_new, v_new = k_BMLK[0].transpose(0, 1), v_BMLK[0].transpose(0, 1)  # [T, M, K]
-        k_pool.index_copy_(0, self.step.slots, k_new.to(k_pool.dtype))
-        v_pool.index_copy_(0, self.step.slots, v_new.to(v_pool.dtype))
-        s = self.step
+        s, pool = self.step, self.pool
+        pool.write(layer, s.slot_blocks, s.slot_offsets, k_BMLK[0].transpose(0, 1), v_BMLK[0].transpose(0, 1))
         rows = s.context_rows
         if not s.num_decode and len(rows) == 1 and rows[0].blocks is None:  # one fresh prompt
             return F.scaled_dot_product_attention(q_BNLK, k_BMLK, v_BMLK, is_causal=True, enable_gqa=gqa)
@@ -143,14 +133,14 @@ class PagedKVCache(KVCache):
         if s.num_decode:
             D = s.num_decode
             q = q_BNLK[0, :, :D].transpose(0, 1)  # [D, N, K]
-            if self.use_kernel and q.dtype == k_pool.dtype:
-                o_dec = kernels.paged_decode_attention(q, k_pool, v_pool, s.decode_table, s.decode_lens,
-                                                       self.pool.block_size)
+            if self.use_kernel and q.dtype == pool.k.dtype:
+                with record_function("foe::paged_decode_attention"):  # named in profiles
+                    o_dec = kernels.paged_decode_attention(q, pool.k[layer], pool.v[layer], s.decode_table,
+                                                           s.decode_lens)
             else:
-                k, v = self._gather(layer, s.decode_table.view(-1))
-                o_dec = F.scaled_dot_product_attention(q.unsqueeze(2), self._keys(k, D, q.dtype),
-                                                       self._keys(v, D, q.dtype), attn_mask=s.decode_mask,
-                                                       enable_gqa=gqa)[:, :, 0]
+                k, v = pool.gather(layer, s.decode_table.view(-1), D)
+                o_dec = F.scaled_dot_product_attention(q.unsqueeze(2), k.to(q.dtype), v.to(q.dtype),
+                                                       attn_mask=s.decode_mask, enable_gqa=gqa)[:, :, 0]
             o[0, :, :D] = o_dec.transpose(0, 1)
         for r in rows:
             span = slice(r.offset, r.offset + r.length)
@@ -159,7 +149,7 @@ class PagedKVCache(KVCache):
                 o[:, :, span] = F.scaled_dot_product_attention(q, k_BMLK[:, :, span], v_BMLK[:, :, span],
                                                                is_causal=True, enable_gqa=gqa)
             else:
-                k, v = self._gather(layer, r.blocks)
-                o[:, :, span] = F.scaled_dot_product_attention(q, self._keys(k, 1, q.dtype), self._keys(v, 1, q.dtype),
-                                                               attn_mask=r.mask, enable_gqa=gqa)
+                k, v = pool.gather(layer, r.blocks, 1)
+                o[:, :, span] = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=r.mask,
+                                                               enable_gqa=gqa)
         return o

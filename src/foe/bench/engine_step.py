@@ -1,0 +1,214 @@
+"""One engine step, taken apart: where the time of a decode step and of a mixed step goes.
+
+Three measurements in one run, on one model with random weights:
+- engine: `LLMEngine.step()` with `batch` sequences decoding at `context` tokens each (greedy, or
+  sampled at temperature 1), split into schedule, model (the runner: packing + forward) and the rest
+  (sampling, stop checks, outputs);
+- runner: the same decode batch, and a mixed batch (the decodes plus one fresh prompt chunk of `chunk`
+  tokens), through the paged pool with the native decode kernel and with the torch path (gather +
+  SDPA), beside the same decode forward over a dense contiguous cache (`DenseKVCache`, no paging).
+  Paging overhead = paged step / dense step - 1;
+- profile: torch.profiler's top operators of a decode and a mixed step (kernel path).
+
+Variants are interleaved, best-of-`repeats` counts (a shared machine slows some calls, never speeds
+any up). `clock="cpu"` with one thread times the thread's CPU time instead of elapsed time.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from foe.config import ModelConfig
+from foe.engine.engine import LLMEngine
+from foe.engine.request import RequestParams, RowPlan
+from foe.engine.runner import ModelRunner
+from foe.engine.sampler import SamplingParams
+from foe.engine.scheduler import SchedulerConfig
+from foe.model.transformer import Transformer
+
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.thread_time}
+
+
+@dataclass(frozen=True)
+class StepBenchConfig:
+    preset: str = "small"
+    arch: str = "moe"
+    batch: int = 64  # sequences decoding
+    context: int = 256  # tokens each decoding sequence already holds
+    chunk: int = 256  # the mixed step's prompt chunk
+    block_size: int = 16
+    temperature: float = 0.0  # of the engine step's requests (0: greedy)
+    repeats: int = 20
+    dtype: str = "float32"
+    threads: int | None = 1
+    clock: str = "wall"
+    seed: int = 0
+    profile_rows: int = 12
+
+    def __post_init__(self) -> None:
+        for name in ("batch", "context", "chunk", "block_size", "repeats"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.clock not in CLOCKS:
+            raise ValueError(f"clock must be one of {tuple(CLOCKS)}, got {self.clock!r}")
+        if self.clock == "cpu" and self.threads != 1:
+            raise ValueError("clock 'cpu' measures one thread's CPU time: it needs threads=1")
+
+
+def _best(calls: dict[str, Callable[[], Any]], repeats: int, clock: Callable[[], float]) -> dict[str, float]:
+    """Best time (ms) of each call, interleaved round by round after one warm-up round."""
+    for f in calls.values():
+        f()
+    best = {name: float("inf") for name in calls}
+    for _ in range(repeats):
+        for name, f in calls.items():
+            t0 = clock()
+            f()
+            best[name] = min(best[name], clock() - t0)
+    return {name: 1e3 * t for name, t in best.items()}
+
+
+def _decode_rows(cfg: StepBenchConfig, vocab: int, rng: random.Random) -> list[RowPlan]:
+    """`batch` decode rows at position `context`, on shuffled (scattered) blocks."""
+    per = -(-(cfg.context + 1) // cfg.block_size)
+    blocks = list(range(cfg.batch * per))
+    rng.shuffle(blocks)
+    return [RowPlan(i, [rng.randrange(vocab)], cfg.context, blocks[i * per:(i + 1) * per], 0)
+            for i in range(cfg.batch)]
+
+
+def _chunk_row(cfg: StepBenchConfig, vocab: int, first_block: int, rng: random.Random) -> RowPlan:
+    blocks = list(range(first_block, first_block + -(-cfg.chunk // cfg.block_size)))
+    return RowPlan(cfg.batch, [rng.randrange(vocab) for _ in range(cfg.chunk)], 0, blocks, cfg.chunk - 1)
+
+
+def time_runner(model: Transformer, cfg: StepBenchConfig, clock: Callable[[], float]) -> dict[str, float]:
+    rng = random.Random(cfg.seed)
+    vocab = model.cfg.vocab_size
+    decode = _decode_rows(cfg, vocab, rng)
+    used = cfg.batch * len(decode[0].block_ids)
+    mixed = decode + [_chunk_row(cfg, vocab, used, rng)]
+    num_blocks = used + len(mixed[-1].block_ids)
+    kernel = ModelRunner(model, num_blocks, cfg.block_size, paged_kernel=True)
+    torch_path = ModelRunner(model, num_blocks, cfg.block_size, paged_kernel=False)
+    for r in (kernel, torch_path):  # random context in the pool, as the prefill would have left it
+        r.pool.k.normal_()
+        r.pool.v.normal_()
+    dense = model.new_cache(cfg.batch, cfg.context + 1)
+    dense.k.normal_()
+    dense.v.normal_()
+    ids = torch.tensor([[r.token_ids[0]] for r in decode])
+    pos = torch.full((cfg.batch, 1), cfg.context)
+
+    @torch.inference_mode()
+    def dense_decode() -> None:
+        model(ids, pos_BL=pos, cache=dense, logits_at=torch.arange(cfg.batch))
+
+    return _best({"decode kernel": lambda: kernel.execute(decode),
+                  "decode torch": lambda: torch_path.execute(decode),
+                  "decode dense": dense_decode,
+                  "mixed kernel": lambda: kernel.execute(mixed),
+                  "mixed torch": lambda: torch_path.execute(mixed)}, cfg.repeats, clock)
+
+
+class _Timed:
+    """Wraps one method of an object, adding its time to `total`."""
+
+    def __init__(self, fn: Callable[..., Any], clock: Callable[[], float]) -> None:
+        self.fn, self.clock, self.total = fn, clock, 0.0
+
+    def __call__(self, *a: Any, **kw: Any) -> Any:
+        t0 = self.clock()
+        try:
+            return self.fn(*a, **kw)
+        finally:
+            self.total += self.clock() - t0
+
+
+def time_engine_step(model: Transformer, cfg: StepBenchConfig, clock: Callable[[], float]) -> dict[str, float]:
+    """Mean time per `LLMEngine.step()` of `batch` decoding sequences, and its parts (ms)."""
+    per = -(-(cfg.context + cfg.repeats + 3) // cfg.block_size)
+    # Every prompt prefills in the first step, so all `batch` sequences decode together afterwards.
+    sched = SchedulerConfig(max_num_seqs=cfg.batch, max_num_batched_tokens=cfg.batch * cfg.context,
+                            num_blocks=cfg.batch * per, block_size=cfg.block_size)
+    engine = LLMEngine.from_model(model, sched)
+    rng = random.Random(cfg.seed)
+    params = RequestParams(max_tokens=cfg.repeats + 3, ignore_eos=True,
+                           sampling=SamplingParams(temperature=cfg.temperature, seed=cfg.seed))
+    for _ in range(cfg.batch):
+        engine.add_request([rng.randrange(model.cfg.vocab_size) for _ in range(cfg.context)], params)
+    engine.step()  # the prefill
+    engine.step()  # a warm-up decode
+    schedule = engine.scheduler.schedule = _Timed(engine.scheduler.schedule, clock)
+    execute = engine.executor.execute = _Timed(engine.executor.execute, clock)
+    steps, t0 = cfg.repeats, clock()
+    for _ in range(steps):
+        engine.step()
+    total = clock() - t0
+    if len(engine.seqs) != cfg.batch:
+        raise RuntimeError(f"expected {cfg.batch} sequences decoding, found {len(engine.seqs)}")
+    ms = {"step": total, "schedule": schedule.total, "model": execute.total}
+    ms["sample + outputs"] = total - schedule.total - execute.total
+    return {k: 1e3 * v / steps for k, v in ms.items()}
+
+
+def profile_runner(model: Transformer, cfg: StepBenchConfig) -> dict[str, str]:
+    """torch.profiler tables (top operators by self CPU time) of a decode and a mixed step."""
+    rng = random.Random(cfg.seed)
+    decode = _decode_rows(cfg, model.cfg.vocab_size, rng)
+    used = cfg.batch * len(decode[0].block_ids)
+    mixed = decode + [_chunk_row(cfg, model.cfg.vocab_size, used, rng)]
+    runner = ModelRunner(model, used + len(mixed[-1].block_ids), cfg.block_size)
+    tables = {}
+    for name, rows in (("decode", decode), ("mixed", mixed)):
+        runner.execute(rows)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(5):
+                runner.execute(rows)
+        tables[name] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=cfg.profile_rows)
+    return tables
+
+
+def run_step_bench(cfg: StepBenchConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    mcfg = ModelConfig.from_preset(cfg.preset, arch=cfg.arch)
+    if cfg.context + cfg.repeats + 3 > mcfg.max_seq_len or cfg.chunk > mcfg.max_seq_len:
+        raise ValueError(f"context {cfg.context} (+ {cfg.repeats + 3} decodes) or chunk {cfg.chunk} exceeds the "
+                         f"{cfg.preset} preset's {mcfg.max_seq_len} positions")
+    model = Transformer(mcfg).to(getattr(torch, cfg.dtype)).eval()
+    clock = CLOCKS[cfg.clock]
+    log(f"{cfg.arch} {cfg.preset} {cfg.dtype}: {cfg.batch} sequences at {cfg.context} tokens, {torch.get_num_threads()} "
+        f"thread(s), {cfg.clock} clock, best of {cfg.repeats}")
+    log("timing the runner (decode and mixed steps; kernel, torch path, dense cache) ...")
+    runner = time_runner(model, cfg, clock)
+    log("timing engine steps ...")
+    engine = time_engine_step(model, cfg, clock)
+    log("profiling ...")
+    tables = profile_runner(model, cfg)
+    overhead = {path: runner[f"decode {path}"] / runner["decode dense"] - 1 for path in ("kernel", "torch")}
+    return dict(config=asdict(cfg), runner_ms=runner, engine_step_ms=engine, paging_overhead=overhead,
+                profiles=tables)
+
+
+def format_report(res: dict[str, Any]) -> str:
+    r, e, o = res["runner_ms"], res["engine_step_ms"], res["paging_overhead"]
+    c = res["config"]
+    lines = [f"runner, one forward (ms): {c['batch']} decodes at {c['context']} tokens; mixed = + a {c['chunk']}-token prompt",
+             f"  {'':8} {'kernel':>8} {'torch':>8} {'dense':>8}",
+             f"  {'decode':8} {r['decode kernel']:8.2f} {r['decode torch']:8.2f} {r['decode dense']:8.2f}",
+             f"  {'mixed':8} {r['mixed kernel']:8.2f} {r['mixed torch']:8.2f} {'-':>8}",
+             f"paging overhead vs the dense cache (decode): kernel {o['kernel']:+.1%}, torch path {o['torch']:+.1%}",
+             f"engine step, {c['batch']} decoding ({'greedy' if not c['temperature'] else 'temperature ' + str(c['temperature'])}), "
+             f"ms per step: " + ", ".join(f"{k} {v:.2f}" for k, v in e.items())]
+    for name, table in res["profiles"].items():
+        lines += [f"\nprofile of a {name} step (5 calls, kernel path):", table]
+    return "\n".join(lines)
