@@ -1,10 +1,11 @@
 """EngineCore over a raw connection, as the API process sees it: Ready first, an Accepted or Refused per
 request in order, one StepOutputs per step carrying every running sequence's token ids (the same as
 one-at-a-time `generate`), aborts that stop a sequence, a failed step reported as CoreDead, and Shutdown
-or the API's EOF ending the loop cleanly."""
+or the API's EOF ending the loop cleanly. Also the engine's share of the cores."""
 
 from __future__ import annotations
 
+import os
 import threading
 from multiprocessing import Pipe
 from multiprocessing.connection import Connection
@@ -12,8 +13,9 @@ from multiprocessing.connection import Connection
 import pytest
 
 from foe.engine.core import EngineCore
+from foe.engine.core_process import engine_threads
 from foe.engine.engine import LLMEngine
-from foe.engine.ipc import (Abort, Accepted, AddRequest, CoreDead, Ready, Refused, Shutdown, StepOutputs)
+from foe.engine.ipc import Abort, Accepted, AddRequest, CoreDead, Ready, Refused, Shutdown, StepOutputs
 from foe.engine.request import RequestParams
 from foe.engine.scheduler import SchedulerConfig
 from foe.tokenizer import byte_level_tokenizer
@@ -117,3 +119,13 @@ def test_a_failed_step_is_reported_as_core_dead(model) -> None:
     assert isinstance(dead, CoreDead) and dead.reason.startswith("engine failed: RuntimeError: boom")
     thread.join(timeout=10)
     assert not thread.is_alive()
+
+
+def test_engine_threads_leave_a_core_to_the_api_process(monkeypatch) -> None:
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    assert [engine_threads(n) for n in (1, 2, 7, 8)] == [7, 3, 1, 1]
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert engine_threads(1) == 1  # the other core is the API process's
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")  # as torchrun sets it: taken as given
+    assert engine_threads(1) == 2

@@ -50,7 +50,8 @@ def start_server(log: Path, *model: str, strategy: str = "gp") -> tuple[subproce
     raise RuntimeError(f"server did not start: {log.read_text()}")
 
 
-def children(pid: int) -> list[int]:
+def children(pid: int, marker: bytes = b"spawn_main") -> list[int]:
+    """The child processes of pid whose command line holds marker (default: worker ranks)."""
     out = []
     for d in Path("/proc").iterdir():
         if d.name.isdigit():
@@ -60,14 +61,14 @@ def children(pid: int) -> list[int]:
             except OSError:
                 continue
             ppid = int(next(ln.split()[1] for ln in status.splitlines() if ln.startswith("PPid")))
-            if ppid == pid and b"spawn_main" in cmd:
+            if ppid == pid and marker in cmd:
                 out.append(int(d.name))
     return out
 
 
 def engine_core(server: int) -> int:
-    """The engine core process of a `foe serve` (its only spawned child)."""
-    (core,) = children(server)
+    """The engine core process of a `foe serve`."""
+    (core,) = children(server, b"foe.engine.core_process")
     return core
 
 

@@ -23,6 +23,7 @@ from foe.engine.ipc import (Abort, AbortAll, Accepted, AddRequest, CoreDead, Cor
 from foe.engine.worker import DistributedExecutor
 
 IDLE_POLL_S = 0.5  # an idle core wakes this often to let the executor send its heartbeat
+REPORT_WAIT_S = 5.0  # for CoreDead to be sent before `run` returns (its host then exits at once)
 
 
 class EngineCore:
@@ -33,6 +34,7 @@ class EngineCore:
         self._inbox: queue.Queue = queue.Queue()
         self._send_lock = threading.Lock()
         self._die_lock = threading.Lock()
+        self._reported = threading.Event()  # CoreDead is sent
         self._want_prompt_lp: set[int] = set()  # sequences whose prompt logprobs are not sent yet
         if isinstance(engine.executor, DistributedExecutor):
             engine.executor.on_failure = self.fail
@@ -55,6 +57,7 @@ class EngineCore:
                     self._send(StepOutputs(deltas, self._stats()))
         except Exception as e:  # a dead worker, a bug: the API fails every request, never hangs them
             self.fail(f"engine failed: {type(e).__name__}: {e}", traceback.format_exc())
+        self._reported.wait(timeout=REPORT_WAIT_S)  # the monitor thread may still be sending it: let it finish
         return False
 
     def fail(self, reason: str, detail: str = "") -> None:
@@ -69,6 +72,8 @@ class EngineCore:
             self._send(CoreDead(reason + ("\n" + detail if detail else "")))
         except OSError:  # the API process has gone too
             pass
+        finally:
+            self._reported.set()
 
     # ---- messages ---------------------------------------------------------------------------------
     def _send(self, msg: Any) -> None:

@@ -2,12 +2,14 @@
 caller's process over an engine it already built (tests). Both speak to the API side over the same
 connection with the same messages, so the server has one code path.
 
-The core process is spawned (not forked: the API process has torch threads), builds the engine there (with
---nproc > 1 it is rank 0 and starts the other ranks as its own children), and answers `Ready` or
-`StartupFailed` (the error is re-raised in the API process with its type, so `foe serve` reports a bad
-rendezvous as before). It ignores SIGINT and SIGTERM, as the worker ranks do: the API process drains, then
-sends Shutdown. It exits when the API process dies, even by SIGKILL (its channel's EOF, or the parent watch
-should it be stuck in a step), and the worker ranks exit with it.
+The core process is a fresh interpreter (`python -c "...core_main(FD)"`; not forked, since the API
+process has torch threads, and not through multiprocessing's spawn, which would leave a resource-tracker
+process behind the server). It reads its arguments from the channel, builds the engine (with --nproc > 1 it
+is rank 0 and starts the other ranks as its own children), and answers `Ready` or `StartupFailed` (the
+error is re-raised in the API process with its type, so `foe serve` reports a bad rendezvous as before). It
+ignores SIGINT and SIGTERM, as the worker ranks do: the API process drains, then sends Shutdown and waits
+for it. It exits when the API process dies, even by SIGKILL (its channel's EOF, or the parent watch should
+it be stuck in a step), and the worker ranks exit with it.
 """
 
 from __future__ import annotations
@@ -16,16 +18,20 @@ import multiprocessing as mp
 import os
 import pickle
 import signal
+import socket
+import subprocess
 import sys
 import threading
+import traceback
 from collections.abc import Callable
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
 import torch
 
 from foe.engine.core import EngineCore
 from foe.engine.engine import LLMEngine, LocalExecutor
-from foe.engine.ipc import EngineInfo, Ready, Shutdown, StartupFailed
+from foe.engine.ipc import EngineInfo, Ready, StartupFailed
 from foe.engine.scheduler import SchedulerConfig
 from foe.engine.worker import DistributedExecutor, ModelSpec, exit_with_parent
 from foe.parallel import ParallelDims
@@ -62,19 +68,37 @@ def build_engine(spec: ModelSpec, dims: ParallelDims, cfg: SchedulerConfig, rdzv
     return LLMEngine(executor, cfg, model_cfg, load_tokenizer(spec.checkpoint))
 
 
-def _core_main(conn: Connection, spec: ModelSpec, dims: ParallelDims, cfg: SchedulerConfig,
-               rdzv: Rendezvous | None, threads: int | None) -> None:
+_CORE_MAIN = "import sys; from foe.engine.core_process import core_main; sys.exit(core_main(int(sys.argv[1])))"
+
+
+@dataclass(frozen=True)
+class CoreArgs:
+    """What the core process builds, sent as the channel's first message."""
+
+    spec: ModelSpec
+    dims: ParallelDims
+    cfg: SchedulerConfig
+    rdzv: Rendezvous | None
+    threads: int
+
+
+def core_main(fd: int) -> int:
+    """The core process: serve on the channel at file descriptor fd; the exit code."""
+    conn = Connection(fd)
     exit_with_parent()
     for sig in (signal.SIGINT, signal.SIGTERM):  # the API process decides when to stop (Shutdown)
         signal.signal(sig, signal.SIG_IGN)
     try:
-        engine = build_engine(spec, dims, cfg, rdzv, threads)
+        a: CoreArgs = conn.recv()
+        engine = build_engine(a.spec, a.dims, a.cfg, a.rdzv, a.threads)
     except BaseException as e:  # noqa: BLE001 (every failure goes back to the API process)
+        if not isinstance(e, (ValueError, OSError)):  # a bug rather than bad input: keep where it happened
+            traceback.print_exc()
         conn.send(StartupFailed(_picklable(e)))
-        sys.exit(1)
+        return 1
     if EngineCore(engine, conn).run():
         engine.close()  # stops the worker ranks
-        sys.exit(0)
+        return 0
     sys.stderr.flush()
     os._exit(1)  # dead: the ranks exit with us (a rank may be blocked in a collective, so no join)
 
@@ -91,7 +115,8 @@ def _wait_ready(conn: Connection, exited: Callable[[], str]) -> EngineInfo:
     try:
         msg = conn.recv()
     except (EOFError, OSError):
-        raise RuntimeError(f"{exited()} while starting") from None
+        # an OSError: `foe serve` says it in one line (the core printed why, e.g. a rank that died)
+        raise ChildProcessError(f"{exited()} while starting") from None
     if isinstance(msg, StartupFailed):
         raise msg.error
     assert isinstance(msg, Ready), msg
@@ -99,20 +124,21 @@ def _wait_ready(conn: Connection, exited: Callable[[], str]) -> EngineInfo:
 
 
 class CoreProcess:
-    """The engine core in a spawned process; `info` once it is ready to serve."""
+    """The engine core in a child process; `info` once it is ready to serve."""
 
     def __init__(self, spec: ModelSpec, dims: ParallelDims, cfg: SchedulerConfig, rdzv: Rendezvous | None = None,
                  threads: int | None = None) -> None:
         """threads: torch threads of each local rank (default `engine_threads`)."""
-        ctx = mp.get_context("spawn")
-        self.conn, core_end = ctx.Pipe(duplex=True)
-        # not a daemon: it starts the worker ranks as its own children
         threads = threads or engine_threads((rdzv or Rendezvous(nproc=dims.world_size)).nproc)
-        self.proc = ctx.Process(target=_core_main, name="foe-engine-core",
-                                args=(core_end, spec, dims, cfg, rdzv, threads))
-        self.proc.start()
-        core_end.close()
+        ours, theirs = socket.socketpair()
+        # this process's import path, so that the child imports the same foe
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+        self.proc = subprocess.Popen([sys.executable, "-c", _CORE_MAIN, str(theirs.fileno())],
+                                     pass_fds=(theirs.fileno(),), env=env)
+        theirs.close()
+        self.conn = Connection(ours.detach())
         try:
+            self.conn.send(CoreArgs(spec, dims, cfg, rdzv, threads))
             self.info = _wait_ready(self.conn, self.exit_reason)
         except BaseException:
             self.kill()
@@ -123,25 +149,26 @@ class CoreProcess:
         return self.proc.pid
 
     def exit_reason(self) -> str:
-        self.proc.join(timeout=0.5)  # the channel's EOF can come just before the exit
-        code = self.proc.exitcode
+        try:
+            code = self.proc.wait(timeout=0.5)  # the channel's EOF can come just before the exit
+        except subprocess.TimeoutExpired:
+            code = None
         return f"the engine core (pid {self.pid}) " + ("exited" if code is None else f"exited with code {code}")
 
-    def stop(self, timeout_s: float = STOP_WAIT_S) -> int | None:
-        """Ask the core to stop (it stops its ranks), kill it if it has not within timeout_s; its exit code."""
+    def wait(self, timeout_s: float = STOP_WAIT_S) -> int | None:
+        """After Shutdown (`AsyncEngine.shutdown`): wait for the core to stop its ranks and exit, kill it if it
+        has not within timeout_s. Its exit code (None: it had to be killed)."""
         try:
-            self.conn.send(Shutdown())
-        except OSError:  # it has gone already
-            pass
-        self.proc.join(timeout=timeout_s)
-        code = self.proc.exitcode
+            code: int | None = self.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            code = None
         self.kill()
         return code
 
     def kill(self) -> None:
-        if self.proc.is_alive():
+        if self.proc.poll() is None:
             self.proc.kill()
-        self.proc.join(timeout=5)
+        self.proc.wait(timeout=5)
         self.conn.close()
 
 
@@ -158,10 +185,7 @@ class CoreThread:
     def exit_reason(self) -> str:
         return "the engine core thread ended"
 
-    def stop(self, timeout_s: float = 10.0) -> None:
-        try:
-            self.conn.send(Shutdown())
-        except OSError:
-            pass
+    def wait(self, timeout_s: float = 10.0) -> None:
+        """After Shutdown: wait for the loop to end."""
         self.thread.join(timeout=timeout_s)
         self.conn.close()

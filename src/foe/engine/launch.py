@@ -128,6 +128,7 @@ def serve_forever(spec: ModelSpec, dims: ParallelDims, cfg: SchedulerConfig, ser
     sock = bind_socket(server_cfg.host, server_cfg.port)
     torch.set_num_threads(1)  # no model compute here; the cores are the engine's
     try:
+        tokenizer = load_tokenizer(spec.checkpoint)
         core = CoreProcess(spec, dims, cfg, rdzv)
     except BaseException:
         sock.close()
@@ -139,7 +140,6 @@ def serve_forever(spec: ModelSpec, dims: ParallelDims, cfg: SchedulerConfig, ser
         threading.Timer(1.0, lambda: setattr(holder["server"], "should_exit", True)).start()
         threading.Timer(1.0 + EXIT_GRACE_S, os._exit, (1,)).start()  # in case a thread is stuck
 
-    tokenizer = load_tokenizer(spec.checkpoint)
     async_engine = AsyncEngine(core.conn, core.info, tokenizer, on_dead=on_dead, exit_reason=core.exit_reason)
     port = sock.getsockname()[1]
 
@@ -147,7 +147,6 @@ def serve_forever(spec: ModelSpec, dims: ParallelDims, cfg: SchedulerConfig, ser
         print(f"foe serve: {server_cfg.model_name} ({spec.model_config.arch}, {dims.describe()}) on "
               f"http://{server_cfg.host}:{port}  [KV: {cfg.num_blocks} blocks x {cfg.block_size} tokens"
               f" per shard; engine core pid {core.pid}]", flush=True)
-    code = None
     try:
         app = build_app(async_engine, tokenizer, server_cfg)
         server = holder["server"] = _uvicorn(app, sock, banner, drain_timeout_s, async_engine.abort_all)
@@ -155,7 +154,7 @@ def serve_forever(spec: ModelSpec, dims: ParallelDims, cfg: SchedulerConfig, ser
     finally:
         sock.close()
         async_engine.shutdown()
-        code = core.stop(EXIT_GRACE_S if async_engine.dead else STOP_WAIT_S)
+        code = core.wait(EXIT_GRACE_S if async_engine.dead else STOP_WAIT_S)
     return 1 if async_engine.dead or code != 0 else 0
 
 
@@ -221,5 +220,5 @@ class ServerHandle:
 
     def close(self) -> None:
         self.async_engine.shutdown()
-        self.core.stop()
+        self.core.wait()
         self.engine.close()
