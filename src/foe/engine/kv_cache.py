@@ -149,11 +149,17 @@ class KVPool:
         self.num_kv_heads, self.head_dim = n_kv_heads, head_dim
         self._buffers: tuple[torch.Tensor, torch.Tensor] | None = None  # see gather_buffers
 
-    def write(self, layer: int, block_T: torch.Tensor, offset_T: torch.Tensor, k_TMK: torch.Tensor,
+    def key_index(self, slots_T: torch.Tensor) -> torch.Tensor:
+        """Flat element indices, in (token, head, dim) order, of T tokens' keys within one layer of `k`."""
+        H, K, bs = self.num_kv_heads, self.head_dim, self.block_size
+        hk = torch.arange(H * K, device=slots_T.device) * bs  # (head, dim) strides inside a block
+        return ((slots_T // bs * (H * K * bs) + slots_T % bs)[:, None] + hk[None, :]).view(-1)
+
+    def write(self, layer: int, slots_T: torch.Tensor, key_index: torch.Tensor, k_TMK: torch.Tensor,
               v_TMK: torch.Tensor) -> None:
-        """Store T tokens' keys and values at (block, offset)."""
-        self.k[layer][block_T, :, :, offset_T] = k_TMK.to(self.k.dtype)
-        self.v[layer][block_T, offset_T] = v_TMK.to(self.v.dtype)
+        """Store T tokens' keys and values at their slots (`key_index` = `self.key_index(slots_T)`)."""
+        self.k[layer].view(-1).index_copy_(0, key_index, k_TMK.reshape(-1).to(self.k.dtype))
+        self.v[layer].view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, slots_T, v_TMK.to(self.v.dtype))
 
     @classmethod
     def for_model(cls, model: Transformer, num_blocks: int, block_size: int) -> KVPool:

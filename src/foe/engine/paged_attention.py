@@ -3,7 +3,7 @@ step) and `PagedKVCache` (the model's `KVCache`, one per forward).
 
 A step is one flat token stream [1, T]: the decode rows (one token each) first, then the multi-token
 rows (prompt chunks). Per layer, `PagedKVCache.attend`
-- writes the new keys/values by (block, offset) (`KVPool.write`);
+- writes the new keys/values at their slots (`KVPool.write`);
 - decode rows: one call of the native kernel (`kernels.py`) reads their keys and values in place from
   their blocks. Without the kernel (no compiler, or a CUDA pool), their blocks are gathered whole, as
   contiguous block-sized rows (`index_select` into a buffer every layer reuses, so no per-slot indexing
@@ -46,8 +46,6 @@ class PackedStep:
     input_ids: torch.Tensor  # [1, T]
     pos: torch.Tensor  # [1, T] absolute positions
     slots: torch.Tensor  # [T] pool slot of each token: block * block_size + offset
-    slot_blocks: torch.Tensor  # [T] slots // block_size
-    slot_offsets: torch.Tensor  # [T] slots % block_size
     logits_at: torch.Tensor  # [N] packed-stream rows whose logits are wanted, in packed order
     restore: torch.Tensor | None  # logits in packed order -> row order (None: same order)
     num_decode: int  # the first num_decode tokens are decode rows, one each
@@ -106,8 +104,7 @@ class PackedStep:
                                    dtype=torch.long)
         all_slots = torch.cat([dec_slots, *slots])
         return cls(input_ids=torch.tensor(ids, dtype=torch.long).view(1, -1),
-                   pos=torch.cat([dp, *pos]).view(1, -1), slots=all_slots, slot_blocks=all_slots // bs,
-                   slot_offsets=all_slots % bs,
+                   pos=torch.cat([dp, *pos]).view(1, -1), slots=all_slots,
                    logits_at=torch.tensor(logits_at, dtype=torch.long), restore=restore,
                    num_decode=len(dec_pos), decode_table=dec_blocks, decode_lens=dp + 1, decode_mask=decode_mask,
                    context_rows=context_rows)
@@ -118,6 +115,7 @@ class PagedKVCache(KVCache):
 
     def __init__(self, pool: KVPool, step: PackedStep, use_kernel: bool) -> None:
         self.pool, self.step, self.use_kernel = pool, step, use_kernel
+        self.key_index: torch.Tensor | None = None
 
     def attend(self, layer: int, q_BNLK: torch.Tensor, k_BMLK: torch.Tensor, v_BMLK: torch.Tensor,
                pos_BL: torch.Tensor) -> torch.Tensor:
@@ -125,7 +123,9 @@ class PagedKVCache(KVCache):
         M = k_BMLK.shape[1]
         gqa = N != M
         s, pool = self.step, self.pool
-        pool.write(layer, s.slot_blocks, s.slot_offsets, k_BMLK[0].transpose(0, 1), v_BMLK[0].transpose(0, 1))
+        if self.key_index is None:  # the same for every layer
+            self.key_index = pool.key_index(s.slots)
+        pool.write(layer, s.slots, self.key_index, k_BMLK[0].transpose(0, 1), v_BMLK[0].transpose(0, 1))
         rows = s.context_rows
         if not s.num_decode and len(rows) == 1 and rows[0].blocks is None:  # one fresh prompt
             return F.scaled_dot_product_attention(q_BNLK, k_BMLK, v_BMLK, is_causal=True, enable_gqa=gqa)
