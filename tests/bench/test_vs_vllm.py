@@ -199,5 +199,5 @@ def test_end_to_end_against_vllm(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert {r["engine"] for r in res["runs"]} == {"vllm", "foe"}
     assert all(r["completed"] == r["num_prompts"] and r["total_output_tokens"] == 6 * r["num_prompts"]
                for r in res["runs"])
-    assert "Application startup complete" in (tmp_path / "server-vllm.log").read_text()
+    assert "Application startup complete" in (tmp_path / "server-vllm-r1.log").read_text()
     assert not _LIVE

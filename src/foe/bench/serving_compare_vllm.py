@@ -27,7 +27,7 @@ from foe.bench.datasets import get_tokenizer, longbench_dataset
 from foe.bench.report import plot_cdfs, ratios
 from foe.bench.serving import ServeBenchConfig, run_benchmark, write_json
 from foe.bench.serving_compare import CompareConfig
-from foe.bench.serving_vllm import bench_checkpoint, probe_vllm, start_warm, vllm_server
+from foe.bench.serving_vllm import bench_checkpoint, probe_vllm, say_stderr, start_warm, vllm_server
 
 EP_SEGFAULT = ("vLLM's expert parallelism crashes its CPU worker (segmentation fault at the first forward, vLLM "
                "0.32.0; docs/vllm.md): use --moe-strategy tp for the MoE baseline inside vLLM")
@@ -54,13 +54,9 @@ def logged_collectives(log: str | Path) -> list[str]:
     return sorted({f"{m.group(1)}: {m.group(2)}" for m in found if m})
 
 
-def _stderr(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
 def run_compare_vllm(cfg: CompareConfig, vllm_python: str | None = None, kv_cache_gib: int = 1,
                      vllm_args: tuple[str, ...] = (), progress: bool = True,
-                     say: Callable[[str], None] = _stderr) -> dict[str, Any]:
+                     say: Callable[[str], None] = say_stderr) -> dict[str, Any]:
     """MoE (tp) then FoE (group parallel) inside vLLM at each arrival scale; writes and returns
     {config, engine, rows: [{scale_s, paper_scale_s, moe, foe, ratios}]} like `run_compare`."""
     if cfg.moe_strategy == "ep":

@@ -91,6 +91,11 @@ def vllm_server(python: str, model_dir: str | Path, log_path: str | Path, *, dty
     return with_env(srv, env, unset=("OMP_NUM_THREADS",))
 
 
+def say_stderr(message: str) -> None:
+    """Progress lines of the benchmarks that start servers."""
+    print(message, file=sys.stderr, flush=True)
+
+
 def start_warm(srv: ServerProcess, warm: list[SampleRequest], label: str, say: Callable[[str], None]) -> str:
     """Start a server (the caller has registered its stop), send the warm-up requests; returns the model id."""
     say(f"[{label}] starting: {' '.join(srv.cmd)}\n[{label}] log: {srv.log_path}")
@@ -127,4 +132,4 @@ def bench_checkpoint(checkpoint: str | None, out_dir: str | Path, preset: str, a
     return path
 
 
-__all__ = ["bench_checkpoint", "probe_vllm", "start_warm", "vllm_server", "with_env", "INSTALL_HINT"]
+__all__ = ["bench_checkpoint", "probe_vllm", "say_stderr", "start_warm", "vllm_server", "with_env", "INSTALL_HINT"]

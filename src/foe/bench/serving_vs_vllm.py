@@ -28,7 +28,7 @@ from typing import Any
 from foe.bench.datasets import SampleRequest, get_tokenizer, random_dataset
 from foe.bench.serving import ServeBenchConfig, run_benchmark, write_json
 from foe.bench.serving_server import ServerProcess
-from foe.bench.serving_vllm import bench_checkpoint, probe_vllm, start_warm, vllm_server, with_env
+from foe.bench.serving_vllm import bench_checkpoint, probe_vllm, say_stderr, start_warm, vllm_server, with_env
 from foe.bench.vs_vllm_config import SCENARIOS, VsVllmConfig, run_order
 from foe.bench.vs_vllm_report import format_ratio_table, plot_ratios, ratio_rows
 
@@ -54,11 +54,7 @@ def workloads(cfg: VsVllmConfig, ckpt: Path) -> tuple[dict[str, list[SampleReque
     return loads, make(max(cfg.warmup, 1), cfg.seed + 1000)[: cfg.warmup]
 
 
-def _stderr(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
-def run_vs_vllm(cfg: VsVllmConfig, progress: bool = True, say: Callable[[str], None] = _stderr) -> dict[str, Any]:
+def run_vs_vllm(cfg: VsVllmConfig, progress: bool = True, say: Callable[[str], None] = say_stderr) -> dict[str, Any]:
     """The whole comparison; returns (and writes to out_dir/vs_vllm.json) {config, versions, runs, rows}.
 
     progress: per-request bars; `say` gets one line per server start and per run either way."""
@@ -77,7 +73,7 @@ def run_vs_vllm(cfg: VsVllmConfig, progress: bool = True, say: Callable[[str], N
             if engine != current:
                 if srv is not None:
                     srv.stop()  # one server at a time
-                srv = make_server(cfg, engine, ckpt, vllm_python, out / f"server-{engine}.log")
+                srv = make_server(cfg, engine, ckpt, vllm_python, out / f"server-{engine}-r{repeat + 1}.log")
                 stack.callback(srv.stop)
                 model = start_warm(srv, warm, f"{engine}, repeat {repeat + 1}/{cfg.repeats}", say)
                 current = engine
