@@ -2,7 +2,8 @@
 
 Histograms: time to first token, inter-token latency, end-to-end request latency. Gauges: running and
 waiting requests, KV-cache use. Counters: prompt and generated tokens, finished requests by reason,
-preemptions. Thread-safe: the engine thread observes, the HTTP thread renders.
+preemptions. Observed in the API process from the engine core's step messages; thread-safe (its channel
+reader may observe before the first request, the HTTP handler renders).
 """
 
 from __future__ import annotations
