@@ -69,8 +69,11 @@ class ServerProcess:
         _install_handlers()
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "wb") as log:
+            # Its own process group (killpg stops it with its children) but not its own session: with
+            # sched_autogroup each session gets one CPU share, which would throttle the server against the
+            # load generator and whatever else runs, and make one server's timings depend on that.
             self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         start_new_session=True)
+                                         process_group=0)
         _LIVE.add(self)
         try:
             self._wait_ready()
