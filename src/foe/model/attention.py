@@ -17,6 +17,7 @@ from torch import nn
 
 from foe.model.kv_cache import KVCache
 from foe.model.layers import apply_rotary
+from foe.model.packed_matmul import group_matmul
 
 
 class GroupedAttention(nn.Module):
@@ -32,7 +33,7 @@ class GroupedAttention(nn.Module):
                 pos_BL: torch.Tensor, cache: KVCache | None, layer: int) -> torch.Tensor:
         G, B, L, D = x_GBLD.shape
         Q, H, K = self.q_heads, self.kv_heads, self.head_dim
-        qkv = torch.bmm(x_GBLD.reshape(G, B * L, D), self.wqkv).view(G, B, L, Q + 2 * H, K)
+        qkv = group_matmul(x_GBLD.reshape(G, B * L, D), self.wqkv).view(G, B, L, Q + 2 * H, K)
         # Queries and keys are adjacent heads: rotate them in one call.
         q, k = apply_rotary(qkv[:, :, :, :Q + H], cos_BLk, sin_BLk).split([Q, H], dim=3)
         v = qkv[:, :, :, Q + H:]
@@ -46,7 +47,7 @@ class GroupedAttention(nn.Module):
         else:
             o = F.scaled_dot_product_attention(q_BNLK, k_BMLK, v_BMLK, is_causal=L > 1, enable_gqa=Q != H)
         o_GTN = o.view(B, G, Q, L, K).permute(1, 0, 3, 2, 4).reshape(G, B * L, Q * K)
-        return torch.bmm(o_GTN, self.wo).view(G, B, L, D)
+        return group_matmul(o_GTN, self.wo).view(G, B, L, D)
 
     @property
     def num_kv_heads(self) -> int:

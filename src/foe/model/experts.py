@@ -2,8 +2,9 @@
 
 No routing and no communication here (that is `ffn.py` and `foe.parallel`): the input is x_RD whose
 rows are grouped by expert, with counts_E rows per expert. Two implementations compute the same thing:
-`grouped_mm` (the fast path: one grouped matrix product per projection, or for large inference batches
-one expert at a time written into the output, whichever is faster for the shape) and `loop` (a Python
+`grouped_mm` (the fast path: one grouped matrix product per projection, or in inference one expert at
+a time written into the output: on the CPU always, with oneDNN on pre-packed weights
+(`packed_matmul.py`), elsewhere for large batches, whichever is faster for the shape) and `loop` (a Python
 loop over experts on contiguous slices; the readable reference the tests compare against).
 
 torch._grouped_mm takes only float32, bf16 and fp16; in other dtypes (float64) the fast path computes
@@ -15,6 +16,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from foe.model import packed_matmul
 
 EXPERT_IMPLS = ("grouped_mm", "loop")
 # The fast path computes inference batches with at least this many rows per expert on average
@@ -46,7 +49,8 @@ class GroupedExperts(nn.Module):
         grouped = x_RD.dtype in GROUPED_MM_DTYPES
         if grad and not grouped:
             return self._loop(x_RD, counts_E)
-        if not grad and (not grouped or x_RD.shape[0] >= STREAM_MIN_ROWS_PER_EXPERT * self.num_experts):
+        if not grad and (not grouped or packed_matmul.applies(x_RD, self.w13)
+                         or x_RD.shape[0] >= STREAM_MIN_ROWS_PER_EXPERT * self.num_experts):
             return self._streamed(x_RD, counts_E)
         offs = torch.cumsum(counts_E, 0).to(torch.int32)
         h = torch._grouped_mm(x_RD, self.w13.to(x_RD.dtype), offs=offs)
@@ -58,18 +62,22 @@ class GroupedExperts(nn.Module):
         The [rows, 2F] and [rows, F] intermediates then stay in cache instead of making whole-batch
         round trips through memory; on CPU that is ~25% faster than `_grouped_mm` from ~128 rows per
         expert on (measured at 8k-32k rows, `foe bench model`), and slower below (per-expert overhead)."""
-        w13, w2 = self.w13.to(x_RD.dtype), self.w2.to(x_RD.dtype)
+        packed = packed_matmul.applies(x_RD, self.w13)  # oneDNN on weights packed once (packed_matmul.py)
+        w13, w2 = (self.w13, self.w2) if packed else (self.w13.to(x_RD.dtype), self.w2.to(x_RD.dtype))
         out = None
         start = 0
         for e, n in enumerate(counts_E.tolist()):
             if n:
-                gate, up = torch.mm(x_RD[start:start + n], w13[e]).chunk(2, dim=-1)
+                gate, up = packed_matmul.matmul(x_RD[start:start + n], w13, e).chunk(2, dim=-1)
                 h = F.silu(gate).mul_(up)
-                # Under autocast the first product ran in bf16, but mm's out= variant is not autocast:
-                # the buffer and the second weight take h's dtype explicitly (no-ops without autocast).
                 if out is None:
                     out = h.new_empty(x_RD.shape[0], w2.shape[2])
-                torch.mm(h, w2[e].to(h.dtype), out=out[start:start + n])
+                if packed:
+                    out[start:start + n] = packed_matmul.matmul(h, w2, e)
+                else:
+                    # Under autocast the first product ran in bf16, but mm's out= variant is not autocast:
+                    # the buffer and the second weight take h's dtype explicitly (no-ops without autocast).
+                    torch.mm(h, w2[e].to(h.dtype), out=out[start:start + n])
             start += n
         return out
 
