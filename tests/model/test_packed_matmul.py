@@ -11,6 +11,12 @@ from foe.model.experts import GroupedExperts
 pytestmark = pytest.mark.skipif(not packed_matmul.available(), reason="this PyTorch build has no oneDNN linear ops")
 
 
+@pytest.fixture(autouse=True)
+def every_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pack whatever the size, so these small products take the oneDNN path."""
+    monkeypatch.setattr(packed_matmul, "MIN_MACS", 0)
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 def test_packed_products_equal_plain_ones(dtype: torch.dtype, tol: float) -> None:
     g = torch.Generator().manual_seed(0)
@@ -59,3 +65,11 @@ def test_packed_experts_equal_the_loop() -> None:
         fast = ex(x, counts)
         assert "_foe_onednn" in ex.w13.__dict__  # the packed path ran
         torch.testing.assert_close(fast, ex._loop(x, counts), rtol=1e-5, atol=1e-6)
+
+
+def test_small_products_stay_with_mkl(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(packed_matmul, "MIN_MACS", 1 << 19)
+    w = torch.nn.Parameter(torch.randn(256, 512))
+    with torch.inference_mode():
+        assert not packed_matmul.applies(torch.randn(1, 256), w)  # a one-token decode: oneDNN's call costs more
+        assert packed_matmul.applies(torch.randn(64, 256), w)

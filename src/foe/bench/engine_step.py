@@ -63,12 +63,16 @@ class StepBenchConfig:
 
 
 def _best(calls: dict[str, Callable[[], Any]], repeats: int, clock: Callable[[], float]) -> dict[str, float]:
-    """Best time (ms) of each call, interleaved round by round after one warm-up round."""
+    """Best time (ms) of each call, interleaved round by round after one warm-up round. The order is
+    shuffled every round: a call that always followed a big one would always find the caches cold."""
     for f in calls.values():
         f()
     best = {name: float("inf") for name in calls}
+    order = list(calls.items())
+    rng = random.Random(0)
     for _ in range(repeats):
-        for name, f in calls.items():
+        rng.shuffle(order)
+        for name, f in order:
             t0 = clock()
             f()
             best[name] = min(best[name], clock() - t0)

@@ -49,7 +49,7 @@ class GroupedExperts(nn.Module):
         grouped = x_RD.dtype in GROUPED_MM_DTYPES
         if grad and not grouped:
             return self._loop(x_RD, counts_E)
-        if not grad and (not grouped or packed_matmul.applies(x_RD, self.w13)
+        if not grad and (not grouped or packed_matmul.applies(x_RD, self.w13)  # packed per expert: see _streamed
                          or x_RD.shape[0] >= STREAM_MIN_ROWS_PER_EXPERT * self.num_experts):
             return self._streamed(x_RD, counts_E)
         offs = torch.cumsum(counts_E, 0).to(torch.int32)
@@ -62,7 +62,8 @@ class GroupedExperts(nn.Module):
         The [rows, 2F] and [rows, F] intermediates then stay in cache instead of making whole-batch
         round trips through memory; on CPU that is ~25% faster than `_grouped_mm` from ~128 rows per
         expert on (measured at 8k-32k rows, `foe bench model`), and slower below (per-expert overhead)."""
-        packed = packed_matmul.applies(x_RD, self.w13)  # oneDNN on weights packed once (packed_matmul.py)
+        # oneDNN on weights packed once (packed_matmul.py), judged per expert's rows
+        packed = packed_matmul.applies(x_RD, self.w13)
         w13, w2 = (self.w13, self.w2) if packed else (self.w13.to(x_RD.dtype), self.w2.to(x_RD.dtype))
         out = None
         start = 0
@@ -72,7 +73,7 @@ class GroupedExperts(nn.Module):
                 h = F.silu(gate).mul_(up)
                 if out is None:
                     out = h.new_empty(x_RD.shape[0], w2.shape[2])
-                if packed:
+                if packed and packed_matmul.applies(h, w2):
                     out[start:start + n] = packed_matmul.matmul(h, w2, e)
                 else:
                     # Under autocast the first product ran in bf16, but mm's out= variant is not autocast:
