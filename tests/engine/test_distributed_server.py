@@ -5,12 +5,14 @@ cleanly."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -105,20 +107,26 @@ def test_two_rank_server_matches_single_process_and_dies_cleanly(tmp_path: Path,
             os.kill(worker, signal.SIGKILL)
             rest = list(lines)  # must end, not hang
         assert not any("[DONE]" in line for line in rest) or any('"error"' in line for line in rest)
-        statuses = set()
-        deadline = time.monotonic() + 20
-        while proc.poll() is None and time.monotonic() < deadline:
-            try:
-                statuses.add(httpx.get(url + "/health", timeout=1).status_code)
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
+        statuses = health_until_exit(proc, url)
         assert proc.poll() is not None and proc.returncode != 0, "server did not exit"
         assert 200 not in statuses or 503 in statuses
         assert "worker rank 1" in (tmp_path / "server.log").read_text()
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def health_until_exit(proc: subprocess.Popen, url: str, timeout: float = 20) -> set[int]:
+    """/health's status codes, polled until the server exits (or `timeout`)."""
+    statuses = set()
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and time.monotonic() < deadline:
+        try:
+            statuses.add(httpx.get(url + "/health", timeout=1).status_code)
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    return statuses
 
 
 def _alive(pid: int) -> bool:
@@ -148,12 +156,25 @@ def test_workers_exit_when_the_server_is_killed(tmp_path: Path) -> None:
                 os.kill(pid, signal.SIGKILL)
 
 
-def test_a_dead_engine_core_gives_503_and_every_process_exits(tmp_path: Path) -> None:
+@contextlib.contextmanager
+def tiny_two_rank_server(tmp_path: Path) -> Iterator[tuple[subprocess.Popen, str, int, int, Path]]:
+    """A 2-rank tiny FoE server: (process, url, engine core pid, worker rank pid, log); all killed after."""
     log = tmp_path / "server.log"
     proc, url = start_server(log, "--preset", "tiny", "--arch", "foe")
     core = engine_core(proc.pid)
     (worker,) = children(core)
     try:
+        yield proc, url, core, worker, log
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        for pid in (core, worker):
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_a_dead_engine_core_gives_503_and_every_process_exits(tmp_path: Path) -> None:
+    with tiny_two_rank_server(tmp_path) as (proc, url, core, worker, log):
         with httpx.stream("POST", url + "/v1/completions", timeout=30,
                           json={"prompt": "Hi", "max_tokens": 200, "stream": True, "ignore_eos": True}) as r:
             lines = r.iter_lines()
@@ -161,14 +182,7 @@ def test_a_dead_engine_core_gives_503_and_every_process_exits(tmp_path: Path) ->
             os.kill(core, signal.SIGKILL)
             rest = list(lines)  # must end, not hang
         assert any('"error"' in line for line in rest) and not any("[DONE]" in line for line in rest), rest
-        statuses = set()
-        deadline = time.monotonic() + 20
-        while proc.poll() is None and time.monotonic() < deadline:
-            try:
-                statuses.add(httpx.get(url + "/health", timeout=1).status_code)
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
+        statuses = health_until_exit(proc, url)
         assert proc.poll() is not None and proc.returncode != 0, "server did not exit"
         assert 200 not in statuses
         assert f"the engine core (pid {core}) exited with code -9" in log.read_text()
@@ -176,19 +190,10 @@ def test_a_dead_engine_core_gives_503_and_every_process_exits(tmp_path: Path) ->
         while _alive(worker) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert not _alive(worker), "a worker rank outlived its engine core"
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        if _alive(worker):
-            os.kill(worker, signal.SIGKILL)
 
 
 def test_sigterm_drains_then_stops_every_rank_cleanly(tmp_path: Path) -> None:
-    log = tmp_path / "server.log"
-    proc, url = start_server(log, "--preset", "tiny", "--arch", "foe")
-    core = engine_core(proc.pid)
-    (worker,) = children(core)
-    try:
+    with tiny_two_rank_server(tmp_path) as (proc, url, core, worker, log):
         body = {"prompt": "Hi", "max_tokens": 240, "ignore_eos": True, "stream": True}
         with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
             lines = r.iter_lines()
@@ -211,6 +216,3 @@ def test_sigterm_drains_then_stops_every_rank_cleanly(tmp_path: Path) -> None:
         while (_alive(worker) or _alive(core)) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert not _alive(worker) and not _alive(core)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
