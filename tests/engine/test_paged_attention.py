@@ -134,3 +134,23 @@ def test_kernel_against_a_float64_reference(dtype: torch.dtype, shape: tuple[int
     tol = {torch.float64: dict(atol=1e-12, rtol=0), torch.float32: dict(atol=1e-5, rtol=1e-5),
            torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}[dtype]
     torch.testing.assert_close(got.double(), ref, **tol)
+
+
+def test_the_kernel_refuses_tables_that_would_read_outside_the_pool() -> None:
+    if not kernels.decode_kernel_available(torch.device("cpu")):
+        pytest.skip("native kernel not buildable here")
+    k_pool, v_pool = torch.zeros(4, 1, 16, 16), torch.zeros(4, 16, 1, 16)
+    q = torch.zeros(1, 2, 16)
+    with pytest.raises(RuntimeError, match="outside the pool"):
+        kernels.paged_decode_attention(q, k_pool, v_pool, torch.tensor([[4]]), torch.tensor([3]))
+    with pytest.raises(RuntimeError, match="keys; its table holds 16"):
+        kernels.paged_decode_attention(q, k_pool, v_pool, torch.tensor([[0]]), torch.tensor([17]))
+
+
+def test_a_step_moves_to_a_device_whole() -> None:
+    """`PackedStep.to` moves every tensor (checked on the meta device: no GPU needed)."""
+    rows = [RowPlan(0, [1, 2, 3], 0, [5], 1), RowPlan(1, [4], 6, [2, 0], 0), RowPlan(2, [7, 8], 3, [1, 3], 1)]
+    step = PackedStep.build(rows, block_size=4, scratch_block=9).to(torch.device("meta"))
+    tensors = [v for v in vars(step).values() if isinstance(v, torch.Tensor)]
+    tensors += [t for r in step.context_rows for t in (r.blocks, r.mask) if t is not None]
+    assert len(tensors) >= 10 and all(t.device.type == "meta" for t in tensors)

@@ -110,6 +110,20 @@ class PackedStep:
                    context_rows=context_rows)
 
 
+    def to(self, device: torch.device) -> PackedStep:
+        """The same step with its tensors on `device` (built on the CPU, used where the pool lives)."""
+        if device.type == "cpu":
+            return self
+
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device, non_blocking=True)
+
+        fields = {f: move(v) if isinstance(v, torch.Tensor) else v for f, v in vars(self).items()}
+        fields["context_rows"] = [ContextRow(r.offset, r.length, move(r.blocks), move(r.mask))
+                                  for r in self.context_rows]
+        return PackedStep(**fields)
+
+
 class PagedKVCache(KVCache):
     """One forward's view of the pool for a `PackedStep` (batch dimension 1, the packed stream)."""
 

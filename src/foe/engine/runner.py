@@ -42,12 +42,11 @@ class ModelRunner:
         """Run one forward over `rows` (may be empty: ranks of an expert-parallel model must still take
         part in every layer's collectives). Returns logits [N, V] in at least float32 (float64 for a float64
         model), N = sum of rows' num_logits, in row order."""
-        step = self.prepare(rows)
-        device = self.model.embed.weight.device
-        out = self.model(step.input_ids.to(device), pos_BL=step.pos.to(device), cache=PagedKVCache(self.pool, step, self.paged_kernel),
-                         logits_at=step.logits_at.to(device))
+        step = self.prepare(rows).to(self.pool.k.device)
+        out = self.model(step.input_ids, pos_BL=step.pos, cache=PagedKVCache(self.pool, step, self.paged_kernel),
+                         logits_at=step.logits_at)
         logits = upcast(out.logits)
-        return logits if step.restore is None else logits[step.restore.to(device)]
+        return logits if step.restore is None else logits[step.restore]
 
     def execute_plan(self, plan: StepPlan, dp_rank: int = 0) -> torch.Tensor:
         """This rank's part of a step: logits of shard `dp_rank`'s rows, in row order."""

@@ -121,12 +121,20 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_pool, torc
   q = q.contiguous();
   block_table = block_table.contiguous();
   lens = lens.contiguous();
+  // Bounds, checked once here so the loops below can trust them (a bad table would read out of the pool).
+  const int64_t W = block_table.size(1), nblocks = k_pool.size(0);
+  for (int64_t d = 0; d < D; ++d)
+    TORCH_CHECK(lens.data_ptr<int64_t>()[d] >= 1 && lens.data_ptr<int64_t>()[d] <= W * bs,
+                "row ", d, " sees ", lens.data_ptr<int64_t>()[d], " keys; its table holds ", W * bs);
+  for (int64_t i = 0; i < D * W; ++i)
+    TORCH_CHECK(block_table.data_ptr<int64_t>()[i] >= 0 && block_table.data_ptr<int64_t>()[i] < nblocks,
+                "block id ", block_table.data_ptr<int64_t>()[i], " outside the pool's ", nblocks, " blocks");
   auto out = torch::empty_like(q);
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "paged_decode_attention", [&] {
     auto run = [&](auto kernel) {
       kernel(q.data_ptr<scalar_t>(), k_pool.data_ptr<scalar_t>(), v_pool.data_ptr<scalar_t>(),
              block_table.data_ptr<int64_t>(), lens.data_ptr<int64_t>(), out.data_ptr<scalar_t>(), D, N, M, K,
-             block_table.size(1), bs, scale);
+             W, bs, scale);
     };
     if (bs == 16 && K == 32) run(decode_kernel<scalar_t, 16, 32>);
     else if (bs == 16 && K == 64) run(decode_kernel<scalar_t, 16, 64>);
