@@ -57,7 +57,7 @@ class PackedStep:
     @classmethod
     def build(cls, rows: list[RowPlan], block_size: int, scratch_block: int) -> PackedStep:
         bs = block_size
-        # Decode rows first (stable), so they are one slice of the stream and one SDPA call.
+        # Decode rows first (stable), so they are one slice of the stream and one attention call.
         order = sorted(range(len(rows)), key=lambda i: len(rows[i].token_ids) > 1)
         ids: list[int] = []
         pos: list[torch.Tensor] = []
@@ -108,7 +108,6 @@ class PackedStep:
                    logits_at=torch.tensor(logits_at, dtype=torch.long), restore=restore,
                    num_decode=len(dec_pos), decode_table=dec_blocks, decode_lens=dp + 1, decode_mask=decode_mask,
                    context_rows=context_rows)
-
 
     def to(self, device: torch.device) -> PackedStep:
         """The same step with its tensors on `device` (built on the CPU, used where the pool lives)."""
