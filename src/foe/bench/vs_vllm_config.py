@@ -36,8 +36,10 @@ class VsVllmConfig:
     ready_timeout_s: float = 300.0
 
     def __post_init__(self) -> None:
-        if not self.scenarios or (bad := sorted(set(self.scenarios) - set(SCENARIOS))):
-            raise ValueError(f"scenarios must be among {list(SCENARIOS)}, got {list(self.scenarios)}")
+        bad = sorted(set(self.scenarios) - set(SCENARIOS))
+        if not self.scenarios or bad:
+            raise ValueError(f"scenarios must be among {list(SCENARIOS)}; got {list(self.scenarios)}"
+                             + (f" ({', '.join(bad)} unknown)" if bad else ""))
         for name in ("num_prompts", "single_prompts", "input_len", "output_len", "repeats", "max_num_seqs",
                      "max_num_batched_tokens", "foe_threads"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
