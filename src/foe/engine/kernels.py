@@ -9,6 +9,7 @@ cannot be built (no compiler), or FOE_PAGED_KERNEL=0, the torch path is used: sa
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import sys
 import warnings
@@ -19,7 +20,18 @@ import torch
 
 SOURCE = Path(__file__).parent / "csrc" / "paged_attention.cpp"
 OPT_OUT = "FOE_PAGED_KERNEL"
-NAME = "foe_paged_attention"
+BASE_NAME = "foe_paged_attention"
+
+
+def _build_name() -> str:
+    """The extension's name carries a hash of this CPU's instruction-set flags: the build uses
+    -march=native, and torch caches builds by name, so a home directory shared with a machine of another
+    CPU must not hand it a binary with instructions it lacks."""
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        flags = "unknown"
+    return f"{BASE_NAME}_{hashlib.sha1(flags.encode()).hexdigest()[:8]}"
 
 
 @functools.cache
@@ -28,12 +40,13 @@ def _extension() -> ModuleType | None:
         return None
     try:
         from torch.utils.cpp_extension import get_default_build_root, load
-        if not any(Path(get_default_build_root()).glob(f"*/{NAME}/{NAME}.so")):
+        name = _build_name()
+        if not any(Path(get_default_build_root()).glob(f"*/{name}/{name}.so")):
             print(f"foe: compiling the native paged-attention kernel (first use only, ~30 s) into "
                   f"{get_default_build_root()}", file=sys.stderr, flush=True)
         # -ffast-math lets gcc call glibc's vector exp in the softmax; float64 still agrees with the
         # torch path to 1e-12 (tests/engine/test_paged_attention.py).
-        return load(NAME, [str(SOURCE)], extra_cflags=["-O3", "-march=native", "-fopenmp-simd", "-ffast-math"])
+        return load(name, [str(SOURCE)], extra_cflags=["-O3", "-march=native", "-fopenmp-simd", "-ffast-math"])
     except Exception as e:  # no compiler, no ninja, a failed build: the torch path still works
         warnings.warn(f"foe: the native paged-attention kernel could not be built ({type(e).__name__}: "
                       f"{str(e).strip().splitlines()[-1] if str(e).strip() else ''}); using the slower torch "
