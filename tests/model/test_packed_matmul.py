@@ -73,3 +73,13 @@ def test_small_products_stay_with_mkl(monkeypatch: pytest.MonkeyPatch) -> None:
     with torch.inference_mode():
         assert not packed_matmul.applies(torch.randn(1, 256), w)  # a one-token decode: oneDNN's call costs more
         assert packed_matmul.applies(torch.randn(64, 256), w)
+
+
+def test_packed_linear_equals_f_linear() -> None:
+    g = torch.Generator().manual_seed(1)
+    weight = torch.nn.Parameter(torch.randn(300, 48, generator=g))
+    x = torch.randn(2, 5, 48, generator=g)  # any leading shape
+    with torch.inference_mode():
+        y = packed_matmul.linear(x, weight)
+        assert "linear" in weight.__dict__["_foe_onednn"]
+    torch.testing.assert_close(y, torch.nn.functional.linear(x, weight), rtol=1e-5, atol=1e-5)

@@ -40,21 +40,33 @@ def available() -> bool:
         return False
 
 
-def applies(x: torch.Tensor, w: torch.Tensor) -> bool:
+def applies(x: torch.Tensor, w: torch.Tensor, out_features: int | None = None) -> bool:
+    """Whether x @ w (w [..., K, N]; or a linear layer's [N, K] when out_features = N) takes oneDNN."""
+    n = w.shape[-1] if out_features is None else out_features
     # Not under autocast: it would skip autocast's casts and compute in the weights' dtype.
     return (x.device.type == "cpu" and x.dtype in DTYPES and w.dtype == x.dtype and not torch.is_grad_enabled()
-            and not torch.is_autocast_enabled("cpu") and x.shape[-2] * x.shape[-1] * w.shape[-1] >= MIN_MACS
+            and not torch.is_autocast_enabled("cpu") and x.shape[-2] * x.shape[-1] * n >= MIN_MACS
             and available())
 
 
-def _packed(w: torch.Tensor, index: int | None) -> torch.Tensor:
+def _packed(w: torch.Tensor, index: int | str | None) -> torch.Tensor:
+    """w (or w[index]) as oneDNN's packed [N, K] weight; index "linear": w is a linear layer's [N, K]."""
     cache: dict = w.__dict__.setdefault("_foe_onednn", {})
     entry = cache.get(index)
     if entry is None or entry[0] != w._version:
-        dense = w if index is None else w[index]
-        entry = (w._version, torch.ops.mkldnn._reorder_linear_weight(dense.t().contiguous(), PACK_ROWS_HINT))
+        dense = w.contiguous() if index == "linear" else (w if index is None else w[index]).t().contiguous()
+        entry = (w._version, torch.ops.mkldnn._reorder_linear_weight(dense, PACK_ROWS_HINT))
         cache[index] = entry
     return entry[1]
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """F.linear(x, weight) without bias (weight [N, K], x [..., K]), packed where that applies."""
+    x_MK = x.reshape(-1, x.shape[-1])
+    if not applies(x_MK, weight, weight.shape[0]):
+        return torch.nn.functional.linear(x, weight)
+    y = torch.ops.mkldnn._linear_pointwise(x_MK.contiguous(), _packed(weight, "linear"), None, "none", [], "")
+    return y.view(*x.shape[:-1], weight.shape[0])
 
 
 def matmul(x_MK: torch.Tensor, w: torch.Tensor, index: int | None = None) -> torch.Tensor:

@@ -12,6 +12,7 @@ from foe.model.block import Block, GroupSum, LayerInputs
 from foe.model.foe import FoEBlock
 from foe.model.kv_cache import DenseKVCache, KVCache
 from foe.model.layers import RMSNorm, Rotary
+from foe.model import packed_matmul
 from foe.model.moe import MoEBlock
 from foe.model.precision import compute_dtype
 
@@ -67,7 +68,7 @@ class Transformer(nn.Module):
             s = s + self.final_reduce(p, "final")
         if logits_at is not None:
             s = s.reshape(B * L, s.shape[-1])[logits_at]
-        logits = self.head(self.norm(s))
+        logits = packed_matmul.linear(self.norm(s), self.head.weight)  # = self.head(...), oneDNN on the CPU
         return ModelOutput(logits, torch.stack(aux).mean(), torch.stack(z).mean(), torch.stack(counts))
 
     def new_cache(self, batch: int, max_len: int | None = None, dtype: torch.dtype | None = None
