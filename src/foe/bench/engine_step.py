@@ -17,7 +17,6 @@ any up). `clock="cpu"` with one thread times the thread's CPU time instead of el
 from __future__ import annotations
 
 import random
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -26,6 +25,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from foe.config import ModelConfig
+from foe.bench.model_latency import CLOCKS
 from foe.engine.engine import LLMEngine
 from foe.engine.request import RequestParams, RowPlan
 from foe.engine.runner import ModelRunner
@@ -33,7 +33,6 @@ from foe.engine.sampler import SamplingParams
 from foe.engine.scheduler import SchedulerConfig
 from foe.model.transformer import Transformer
 
-CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.thread_time}
 
 
 @dataclass(frozen=True)
@@ -79,27 +78,23 @@ def _best(calls: dict[str, Callable[[], Any]], repeats: int, clock: Callable[[],
     return {name: 1e3 * t for name, t in best.items()}
 
 
-def _decode_rows(cfg: StepBenchConfig, vocab: int, rng: random.Random) -> list[RowPlan]:
-    """`batch` decode rows at position `context`, on shuffled (scattered) blocks."""
+def step_rows(cfg: StepBenchConfig, vocab: int) -> tuple[list[RowPlan], list[RowPlan], int]:
+    """(decode rows, mixed rows, pool blocks they use): `batch` decode rows at position `context` on
+    shuffled (scattered) blocks; mixed = those plus one fresh `chunk`-token prompt on the next blocks."""
+    rng = random.Random(cfg.seed)
     per = -(-(cfg.context + 1) // cfg.block_size)
     blocks = list(range(cfg.batch * per))
     rng.shuffle(blocks)
-    return [RowPlan(i, [rng.randrange(vocab)], cfg.context, blocks[i * per:(i + 1) * per], 0)
-            for i in range(cfg.batch)]
-
-
-def _chunk_row(cfg: StepBenchConfig, vocab: int, first_block: int, rng: random.Random) -> RowPlan:
-    blocks = list(range(first_block, first_block + -(-cfg.chunk // cfg.block_size)))
-    return RowPlan(cfg.batch, [rng.randrange(vocab) for _ in range(cfg.chunk)], 0, blocks, cfg.chunk - 1)
+    decode = [RowPlan(i, [rng.randrange(vocab)], cfg.context, blocks[i * per:(i + 1) * per], 0)
+              for i in range(cfg.batch)]
+    used = cfg.batch * per
+    chunk_blocks = list(range(used, used + -(-cfg.chunk // cfg.block_size)))
+    chunk = RowPlan(cfg.batch, [rng.randrange(vocab) for _ in range(cfg.chunk)], 0, chunk_blocks, cfg.chunk - 1)
+    return decode, decode + [chunk], used + len(chunk_blocks)
 
 
 def time_runner(model: Transformer, cfg: StepBenchConfig, clock: Callable[[], float]) -> dict[str, float]:
-    rng = random.Random(cfg.seed)
-    vocab = model.cfg.vocab_size
-    decode = _decode_rows(cfg, vocab, rng)
-    used = cfg.batch * len(decode[0].block_ids)
-    mixed = decode + [_chunk_row(cfg, vocab, used, rng)]
-    num_blocks = used + len(mixed[-1].block_ids)
+    decode, mixed, num_blocks = step_rows(cfg, model.cfg.vocab_size)
     kernel = ModelRunner(model, num_blocks, cfg.block_size, paged_kernel=True)
     torch_path = ModelRunner(model, num_blocks, cfg.block_size, paged_kernel=False)
     for r in (kernel, torch_path):  # random context in the pool, as the prefill would have left it
@@ -165,11 +160,8 @@ def time_engine_step(model: Transformer, cfg: StepBenchConfig, clock: Callable[[
 
 def profile_runner(model: Transformer, cfg: StepBenchConfig) -> dict[str, str]:
     """torch.profiler tables (top operators by self CPU time) of a decode and a mixed step."""
-    rng = random.Random(cfg.seed)
-    decode = _decode_rows(cfg, model.cfg.vocab_size, rng)
-    used = cfg.batch * len(decode[0].block_ids)
-    mixed = decode + [_chunk_row(cfg, model.cfg.vocab_size, used, rng)]
-    runner = ModelRunner(model, used + len(mixed[-1].block_ids), cfg.block_size)
+    decode, mixed, num_blocks = step_rows(cfg, model.cfg.vocab_size)
+    runner = ModelRunner(model, num_blocks, cfg.block_size)
     tables = {}
     for name, rows in (("decode", decode), ("mixed", mixed)):
         runner.execute(rows)
