@@ -5,8 +5,9 @@
   prefix caching (full prompt blocks are hashed by their token chain; a new request whose prompt starts
   with cached blocks shares them instead of recomputing), and forking (samples of one prompt share its
   blocks). The scheduler owns one per data-parallel shard.
-- `KVPool` holds the tensors: [n_layers, (num_blocks + 1) * block_size, H, K] for keys and values. The
-  extra last block is scratch: it pads block tables (its keys are always masked out).
+- `KVPool` holds the tensors, one block per row: keys [n_layers, num_blocks + 1, H, K, block_size]
+  (transposed within a block) and values [n_layers, num_blocks + 1, block_size, H, K]. The extra last
+  block is scratch: it pads block tables (its keys are always masked out).
 
 Attention over the pool (`PagedKVCache`) is in `paged_attention.py`.
 
@@ -147,7 +148,7 @@ class KVPool:
         self.v = torch.zeros(n_layers, num_blocks + 1, block_size, n_kv_heads, head_dim, dtype=dtype, device=device)
         self.num_blocks, self.block_size = num_blocks, block_size
         self.num_kv_heads, self.head_dim = n_kv_heads, head_dim
-        self._buffers: tuple[torch.Tensor, torch.Tensor] | None = None  # see gather_buffers
+        self._buffers: tuple[torch.Tensor, torch.Tensor] | None = None  # see gather
 
     def key_index(self, slots_T: torch.Tensor) -> torch.Tensor:
         """Flat element indices, in (token, head, dim) order, of T tokens' keys within one layer of `k`."""

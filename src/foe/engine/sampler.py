@@ -39,7 +39,7 @@ def filtered_logprobs_batch(logits_NV: torch.Tensor, params: list[SamplingParams
     if min(ks) < V:
         kth = torch.topk(x, max(k for k in ks if k < V), dim=-1).values  # best first
         k_idx = torch.tensor([k - 1 if k < V else 0 for k in ks], device=x.device)
-        cut = kth.gather(1, k_idx[:, None].clamp(max=kth.shape[1] - 1))
+        cut = kth.gather(1, k_idx[:, None])
         cut[torch.tensor([k == V for k in ks], device=x.device)] = float("-inf")
         x = x.masked_fill(x < cut, float("-inf"))
     top_p = torch.tensor([p.top_p for p in params], dtype=x.dtype, device=x.device)

@@ -3,7 +3,7 @@
 No routing and no communication here (that is `ffn.py` and `foe.parallel`): the input is x_RD whose
 rows are grouped by expert, with counts_E rows per expert. Two implementations compute the same thing:
 `grouped_mm` (the fast path: one grouped matrix product per projection, or in inference one expert at
-a time written into the output: on the CPU always, with oneDNN on pre-packed weights
+a time written into the output: on the CPU wherever oneDNN on pre-packed weights applies
 (`packed_matmul.py`), elsewhere for large batches, whichever is faster for the shape) and `loop` (a Python
 loop over experts on contiguous slices; the readable reference the tests compare against).
 
