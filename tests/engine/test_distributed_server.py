@@ -100,12 +100,7 @@ def test_two_rank_server_matches_single_process_and_dies_cleanly(tmp_path: Path,
 
         # Kill the worker rank mid-stream: the stream ends, /health says 503, the server exits.
         (worker,) = worker_ranks(proc.pid)
-        with httpx.stream("POST", url + "/v1/completions", timeout=30,
-                          json={"prompt": "Hi", "max_tokens": 200, "stream": True, "ignore_eos": True}) as r:
-            lines = r.iter_lines()
-            next(line for line in lines if line.startswith("data:"))
-            os.kill(worker, signal.SIGKILL)
-            rest = list(lines)  # must end, not hang
+        rest = kill_mid_stream(url, worker)
         assert not any("[DONE]" in line for line in rest) or any('"error"' in line for line in rest)
         statuses = health_until_exit(proc, url)
         assert proc.poll() is not None and proc.returncode != 0, "server did not exit"
@@ -114,6 +109,17 @@ def test_two_rank_server_matches_single_process_and_dies_cleanly(tmp_path: Path,
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def kill_mid_stream(url: str, pid: int) -> list[str]:
+    """SIGKILL `pid` once a streamed completion has sent its first event; the stream's remaining lines
+    (the stream must end, not hang)."""
+    with httpx.stream("POST", url + "/v1/completions", timeout=30,
+                      json={"prompt": "Hi", "max_tokens": 200, "stream": True, "ignore_eos": True}) as r:
+        lines = r.iter_lines()
+        next(line for line in lines if line.startswith("data:"))
+        os.kill(pid, signal.SIGKILL)
+        return list(lines)
 
 
 def health_until_exit(proc: subprocess.Popen, url: str, timeout: float = 20) -> set[int]:
@@ -175,12 +181,7 @@ def tiny_two_rank_server(tmp_path: Path) -> Iterator[tuple[subprocess.Popen, str
 
 def test_a_dead_engine_core_gives_503_and_every_process_exits(tmp_path: Path) -> None:
     with tiny_two_rank_server(tmp_path) as (proc, url, core, worker, log):
-        with httpx.stream("POST", url + "/v1/completions", timeout=30,
-                          json={"prompt": "Hi", "max_tokens": 200, "stream": True, "ignore_eos": True}) as r:
-            lines = r.iter_lines()
-            next(line for line in lines if line.startswith("data:"))
-            os.kill(core, signal.SIGKILL)
-            rest = list(lines)  # must end, not hang
+        rest = kill_mid_stream(url, core)
         assert any('"error"' in line for line in rest) and not any("[DONE]" in line for line in rest), rest
         statuses = health_until_exit(proc, url)
         assert proc.poll() is not None and proc.returncode != 0, "server did not exit"
