@@ -83,3 +83,14 @@ def test_packed_linear_equals_f_linear() -> None:
         y = packed_matmul.linear(x, weight)
         assert "linear" in weight.__dict__["_foe_onednn"]
     torch.testing.assert_close(y, torch.nn.functional.linear(x, weight), rtol=1e-5, atol=1e-5)
+
+
+def test_weights_built_under_inference_mode_are_packed() -> None:
+    """A model built inside inference_mode (as `foe bench forward`'s ranks do) has inference tensors,
+    which keep no version counter."""
+    with torch.inference_mode():
+        w = torch.nn.Parameter(torch.randn(16, 8))
+        x = torch.randn(4, 16)
+        y = packed_matmul.matmul(x, w)
+        assert "_foe_onednn" in w.__dict__
+    torch.testing.assert_close(y, x @ w, rtol=1e-5, atol=1e-5)

@@ -53,9 +53,11 @@ def _packed(w: torch.Tensor, index: int | str | None) -> torch.Tensor:
     """w (or w[index]) as oneDNN's packed [N, K] weight; index "linear": w is a linear layer's [N, K]."""
     cache: dict = w.__dict__.setdefault("_foe_onednn", {})
     entry = cache.get(index)
-    if entry is None or entry[0] != w._version:
+    # Inference tensors (a model built under inference_mode) keep no version counter: packed once.
+    version = None if w.is_inference() else w._version
+    if entry is None or entry[0] != version:
         dense = w.contiguous() if index == "linear" else (w if index is None else w[index]).t().contiguous()
-        entry = (w._version, torch.ops.mkldnn._reorder_linear_weight(dense, PACK_ROWS_HINT))
+        entry = (version, torch.ops.mkldnn._reorder_linear_weight(dense, PACK_ROWS_HINT))
         cache[index] = entry
     return entry[1]
 
