@@ -149,6 +149,21 @@ def dtype_from_args(args: argparse.Namespace) -> "torch.dtype":
     return checkpoint_dtype(ckpt) if ckpt is not None else torch.float32
 
 
+def add_device_arg(p: argparse.ArgumentParser) -> None:
+    """--device: where the model, its KV cache and its compute live."""
+    from foe.device import DEVICE_CHOICES
+    p.add_argument("--device", choices=DEVICE_CHOICES, default="auto",
+                   help="auto (default): cuda when torch sees a GPU, else cpu. Each rank of a multi-rank job on "
+                        "cuda takes the GPU of its local rank and talks over NCCL (gloo on cpu)")
+
+
+def device_name(args: argparse.Namespace) -> str:
+    """--device with auto resolved (cuda when torch sees a GPU, else cpu): the name every rank resolves
+    again for its own local rank; "cpu" for a command without the option. ValueError for cuda without one."""
+    from foe.device import resolve_device
+    return resolve_device(getattr(args, "device", "auto")).type
+
+
 def random_weights_dtype(args: argparse.Namespace) -> str:
     """--dtype of a command that runs random weights only (the benchmarks), by name: auto is float32."""
     return "float32" if args.dtype == "auto" else args.dtype
