@@ -5,8 +5,11 @@ one run on the same ranks, with the same model size and the same global batch. P
 batch) it reports latency (median, p10, p90 of the slowest rank), bytes per token per layer (intra/inter
 node), collective calls per layer, time spent in collectives and expert load balance (max/mean rows per
 rank). Prefill times a forward over `seq_len` new tokens per sequence; decode times one new token per
-sequence over a KV cache holding `context_len` tokens. Timing is wall clock: on a shared CPU with gloo,
-bytes and calls are the portable figures and the time is reported beside them.
+sequence over a KV cache holding `context_len` tokens. Timing is wall clock (synchronised on CUDA): on a
+shared CPU with gloo, bytes and calls are the portable figures and the time is reported beside them.
+
+The ranks come from foe's launcher: local processes, several nodes (each node runs the same command; the
+node boundary of the intra/inter byte counts is then the real one), or torchrun's.
 """
 
 from __future__ import annotations
@@ -14,14 +17,17 @@ from __future__ import annotations
 import os
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 import torch.distributed as dist
 
 from foe.config import ModelConfig
+from foe.device import synchronize
 from foe.model.precision import dtype_named
-from foe.parallel import ParallelDims, init_distributed, parallelize, run_ranks
+from foe.parallel import ParallelDims, parallelize, run_ranks
+from foe.parallel.launch import rank_device
+from foe.parallel.rendezvous import Rendezvous, threads_per_rank
 
 STRATEGY_ARCH = {"ep": "moe", "tp": "moe", "gp": "foe"}
 
@@ -29,7 +35,7 @@ STRATEGY_ARCH = {"ep": "moe", "tp": "moe", "gp": "foe"}
 @dataclass(frozen=True)
 class ForwardBenchConfig:
     preset: str = "small"
-    nproc: int = 2
+    nproc: int = 2  # ranks in all (over every node)
     strategies: tuple[str, ...] = ("ep", "tp", "gp")
     modes: tuple[str, ...] = ("prefill", "decode")
     batch_sizes: tuple[int, ...] = (1, 4, 16, 64)
@@ -42,16 +48,22 @@ class ForwardBenchConfig:
     seed: int = 0
     model_overrides: dict = field(default_factory=dict)
     dtype: str = "float32"  # of weights, activations, KV cache and so of the bytes communicated
+    nnodes: int = 1  # real hosts the ranks run on (ranks_per_node is then nproc / nnodes)
+    device: str = "cpu"
 
     def model_config(self, strategy: str) -> ModelConfig:
         return ModelConfig.from_preset(self.preset, arch=STRATEGY_ARCH[strategy], **self.model_overrides)
 
     def dims(self, strategy: str) -> ParallelDims:
         return ParallelDims(strategy, self.nproc, self.ranks_per_group if strategy == "gp" else 1,
-                            self.ranks_per_node)
+                            self.ranks_per_node or (self.nproc // self.nnodes if self.nnodes > 1 else None))
 
     def validate(self) -> None:
         """Fail before any process starts when a strategy cannot run on this launch."""
+        if self.nnodes > 1 and (self.nproc % self.nnodes
+                                or self.ranks_per_node not in (None, self.nproc // self.nnodes)):
+            raise ValueError(f"{self.nproc} ranks on {self.nnodes} nodes: the node boundary is the real one, so "
+                             f"ranks_per_node must be nproc / nnodes, got {self.ranks_per_node}")
         for s in self.strategies:
             if s not in STRATEGY_ARCH:
                 raise ValueError(f"unknown strategy {s!r}; choose from {sorted(STRATEGY_ARCH)}")
@@ -74,12 +86,16 @@ def _shard(B: int, dims: ParallelDims, rank: int) -> int:
     return len(range(dims.dp_rank(rank), B, dims.dp_size))
 
 
-def _time_one(fn, group=None) -> float:
-    """Wall time of fn() on the slowest rank, ranks released together by a barrier."""
-    dist.barrier(group=group)
+def _time_one(fn) -> float:
+    """Wall time of fn() on the slowest rank, ranks released together by a barrier (and, on CUDA, with the
+    queued kernels finished before and after: the time is the work's, not its launch's)."""
+    device = rank_device()
+    synchronize(device)
+    dist.barrier()
     t0 = time.perf_counter()
     fn()
-    dt = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
+    synchronize(device)
+    dt = torch.tensor([time.perf_counter() - t0], dtype=torch.float64, device=device)
     dist.all_reduce(dt, op=dist.ReduceOp.MAX)
     return float(dt)
 
@@ -92,7 +108,7 @@ def bench_worker(rank: int, world: int, bc: ForwardBenchConfig, show_progress: b
     models, comms, dims = {}, {}, {}
     for s in bc.strategies:
         torch.manual_seed(bc.seed)  # same weights on every rank before slicing
-        models[s] = Transformer(bc.model_config(s)).to(dtype_named(bc.dtype)).eval()
+        models[s] = Transformer(bc.model_config(s)).to(rank_device(), dtype_named(bc.dtype)).eval()
         dims[s] = bc.dims(s)
         comms[s] = parallelize(models[s], dims[s], rank)
         comms[s].ledger.enabled = False
@@ -125,17 +141,18 @@ def bench_worker(rank: int, world: int, bc: ForwardBenchConfig, show_progress: b
 
 def _make_step(model, dims: ParallelDims, rank: int, mode: str, B: int, bc: ForwardBenchConfig):
     """A closure running one forward of this rank's shard of the global batch (KV cache filled for decode)."""
-    cfg, b = model.cfg, _shard(B, dims, rank)
+    cfg, b, dev = model.cfg, _shard(B, dims, rank), rank_device()
     g = torch.Generator().manual_seed(bc.seed + B)
     n = bc.seq_len if mode == "prefill" else bc.context_len + 1
-    ids = torch.randint(0, cfg.vocab_size, (B, n), generator=g)[dims.dp_rank(rank)::dims.dp_size]
+    ids = torch.randint(0, cfg.vocab_size, (B, n), generator=g)[dims.dp_rank(rank)::dims.dp_size].to(dev)
     if mode == "prefill":
-        L = bc.seq_len
-        return lambda: model(ids, logits_at=torch.arange(b) * L + L - 1)
+        last = torch.arange(b, device=dev) * bc.seq_len + bc.seq_len - 1
+        return lambda: model(ids, logits_at=last)
     cache = model.new_cache(b, bc.context_len + 1)
-    model(ids[:, :-1], cache=cache, logits_at=torch.arange(b) * bc.context_len)  # untimed, unaccounted
-    pos = torch.full((b, 1), bc.context_len, dtype=torch.long)
-    return lambda: model(ids[:, -1:], pos_BL=pos, cache=cache, logits_at=torch.arange(b))
+    model(ids[:, :-1], cache=cache, logits_at=torch.arange(b, device=dev) * bc.context_len)  # untimed, unaccounted
+    pos = torch.full((b, 1), bc.context_len, dtype=torch.long, device=dev)
+    every = torch.arange(b, device=dev)
+    return lambda: model(ids[:, -1:], pos_BL=pos, cache=cache, logits_at=every)
 
 
 def _summarise(strategy: str, mode: str, B: int, times: list[float], comm, cfg: ModelConfig,
@@ -145,10 +162,10 @@ def _summarise(strategy: str, mode: str, B: int, times: list[float], comm, cfg: 
     mine = torch.tensor([sum(o["bytes_intra"] for o in s["ops"].values()),
                          sum(o["bytes_inter"] for o in s["ops"].values()),
                          sum(o["seconds"] for o in s["ops"].values()),
-                         s["expert_rows"]], dtype=torch.float64)
+                         s["expert_rows"]], dtype=torch.float64, device=rank_device())
     every = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
     dist.all_gather(every, mine)
-    per_rank = torch.stack(every)
+    per_rank = torch.stack(every).cpu()
     tokens = B * (bc.seq_len if mode == "prefill" else 1) * bc.repeats
     n, calls = cfg.n_layers, {op: o["calls"] / bc.repeats / cfg.n_layers for op, o in s["ops"].items()}
     rows_pr = per_rank[:, 3]
@@ -167,27 +184,25 @@ def _summarise(strategy: str, mode: str, B: int, times: list[float], comm, cfg: 
     }
 
 
-def run_forward_bench(bc: ForwardBenchConfig, show_progress: bool = True) -> dict | None:
-    """Spawn bc.nproc local ranks, or, under torchrun, run as this rank. Returns the result on rank 0
-    (None on the other torchrun ranks)."""
+def run_forward_bench(bc: ForwardBenchConfig, rdzv: Rendezvous | None = None, show_progress: bool = True
+                      ) -> dict | None:
+    """Run every rank of `rdzv` (default: bc.nproc local ranks) that lives on this node; the result on the node
+    of rank 0 (and under torchrun in rank 0's process), None elsewhere."""
+    rdzv = rdzv or Rendezvous(nproc=bc.nproc, device=bc.device)
+    if rdzv.world_size != bc.nproc or rdzv.nnodes != bc.nnodes:
+        raise ValueError(f"the job has {rdzv.nnodes} node(s) x {rdzv.nproc} ranks, but the benchmark was set up "
+                         f"for {bc.nproc} ranks on {bc.nnodes} node(s)")
     bc.validate()
     t0 = time.time()
-    if "RANK" in os.environ:
-        rank, world = init_distributed("gloo")  # this benchmark runs the models on the CPU
-        if world != bc.nproc:
-            raise ValueError(f"torchrun started {world} ranks but --nproc is {bc.nproc}")
-        rows = bench_worker(rank, world, bc, show_progress)
-        dist.barrier()
-        dist.destroy_process_group()  # a rank leaving with the group alive makes gloo abort its peers
-        if rank != 0:
-            return None
-    else:
-        rows = run_ranks(bench_worker, bc.nproc, bc, show_progress, timeout_s=3600)[0]
+    every = run_ranks(bench_worker, replace(rdzv, device=bc.device), bc, show_progress, timeout_s=3600)
+    if every is None:  # not rank 0's node (or process, under torchrun)
+        return None
     cfg = bc.model_config("gp")
     return {"config": {**asdict(bc), "model": cfg.to_dict()},
-            "machine": {"torch": torch.__version__, "cpus": os.cpu_count(), "threads_per_rank": max(1, (os.cpu_count() or 1) // bc.nproc)},
+            "machine": {"torch": torch.__version__, "cpus": os.cpu_count(), "device": bc.device,
+                        "threads_per_rank": threads_per_rank(rdzv.nproc)},
             "layout": {s: bc.dims(s).describe() for s in bc.strategies},
-            "wall_seconds": time.time() - t0, "results": rows, "ratios": ratios(rows)}
+            "wall_seconds": time.time() - t0, "results": every[0], "ratios": ratios(every[0])}
 
 
 def ratios(rows: list[dict]) -> list[dict]:

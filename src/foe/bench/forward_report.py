@@ -51,5 +51,7 @@ def plot(result: dict, path: str | Path) -> Path:
             ax.grid(alpha=0.3)
             ax.legend()
     cfg = result["config"]
-    fig.suptitle(f"foe bench forward: preset {cfg['preset']}, {cfg['nproc']} ranks (gloo, CPU)")
+    where = f" on {cfg['nnodes']} nodes" if cfg.get("nnodes", 1) > 1 else ""
+    how = "NCCL, CUDA" if cfg.get("device") == "cuda" else "gloo, CPU"
+    fig.suptitle(f"foe bench forward: preset {cfg['preset']}, {cfg['nproc']} ranks{where} ({how})")
     return save_figure(fig, path)

@@ -6,7 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
-from foe.cli.common import add_dtype_arg, number_list, random_weights_dtype
+from foe.cli.common import add_device_arg, add_dtype_arg, number_list, random_weights_dtype
+from foe.cli.launch_args import add_launch_args, rendezvous_from_args
 
 
 _ints = number_list(int, "integers")
@@ -22,13 +23,14 @@ def register(commands: argparse._SubParsersAction, bench: argparse._SubParsersAc
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Synthetic forward passes at a sweep of batch sizes for MoE `ep` (expert parallel, "
                     "all-to-all), MoE `tp` (head/expert parallel, two all-reduces) and FoE `gp` (group "
-                    "parallel, one all-reduce) on the same number of local gloo ranks. Prints a table, "
-                    "writes JSON and a PNG plot.",
+                    "parallel, one all-reduce) on the same ranks: local processes, several nodes, or torchrun's. "
+                    "Prints a table, writes JSON and a PNG plot.",
         epilog="examples:\n  foe bench forward\n  torchrun --nproc-per-node 2 $(which foe) bench forward   # ranks started by torchrun\n  foe bench forward --nproc 4 --preset small --batch-sizes 1,8,32\n"
                "  foe bench forward --nproc 4 --ranks-per-node 2 --ranks-per-group 2 "
-               "--model-override n_kv_heads=2 --model-override n_heads=4   # 2 'nodes'")
+               "--model-override n_kv_heads=2 --model-override n_heads=4   # 2 'nodes' on one host\n"
+               "  foe bench forward --nnodes 2 --node-rank 0 --master-addr 10.0.0.1   # on host 10.0.0.1, and\n"
+               "  foe bench forward --nnodes 2 --node-rank 1 --master-addr 10.0.0.1   # on the second host")
     p.add_argument("--preset", default="small", help="model size preset (default small)")
-    p.add_argument("--nproc", type=int, default=2, help="ranks (local processes) per strategy (default 2)")
     p.add_argument("--strategies", type=_names, default=("ep", "tp", "gp"), help="default ep,tp,gp")
     p.add_argument("--modes", type=_names, default=("prefill", "decode"), help="default prefill,decode")
     p.add_argument("--batch-sizes", type=_ints, default=(1, 4, 16, 64), help="sequences per forward (default 1,4,16,64)")
@@ -36,13 +38,16 @@ def register(commands: argparse._SubParsersAction, bench: argparse._SubParsersAc
     p.add_argument("--context-len", type=int, default=256, help="decode: tokens in the KV cache (default 256)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=7)
-    p.add_argument("--ranks-per-node", type=int, default=None, help="node layout for intra/inter accounting")
+    p.add_argument("--ranks-per-node", type=int, default=None,
+                   help="node layout for intra/inter accounting on one host (with --nnodes it is --nproc)")
     p.add_argument("--ranks-per-group", type=int, default=1, help="gp: ranks sharing one FoE group (multi-node)")
     p.add_argument("--model-override", action="append", default=[], metavar="KEY=VALUE",
                    help="override a preset field, e.g. n_kv_heads=2 (repeatable)")
     p.add_argument("--out", default="results/bench_forward", help="output prefix for .json and .png")
     p.add_argument("--seed", type=int, default=0)
     add_dtype_arg(p, auto="float32 (random weights)")
+    add_device_arg(p)
+    add_launch_args(p, 2, "prints and writes the results")
     p.set_defaults(func=run)
 
 
@@ -60,24 +65,22 @@ def _overrides(items: list[str]) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    import os
-
     from foe.bench.forward import ForwardBenchConfig, run_forward_bench
     from foe.bench.forward_report import plot, table
-    torchrun_rank = int(os.environ.get("RANK", 0))
-    nproc = int(os.environ.get("WORLD_SIZE", args.nproc))  # under torchrun, one process per rank
-    bc = ForwardBenchConfig(preset=args.preset, nproc=nproc, strategies=args.strategies, modes=args.modes,
+    rdzv = rendezvous_from_args(args, 2)
+    first = rdzv.torchrun and rdzv.env_rank() == 0 or not rdzv.torchrun and rdzv.node_rank == 0
+    bc = ForwardBenchConfig(preset=args.preset, nproc=rdzv.world_size, strategies=args.strategies, modes=args.modes,
                             batch_sizes=args.batch_sizes, seq_len=args.seq_len, context_len=args.context_len,
                             warmup=args.warmup, repeats=args.repeats, ranks_per_node=args.ranks_per_node,
                             ranks_per_group=args.ranks_per_group, seed=args.seed,
                             model_overrides=_overrides(args.model_override),
-                            dtype=random_weights_dtype(args))
+                            dtype=random_weights_dtype(args), nnodes=rdzv.nnodes, device=rdzv.device)
     bc.validate()
-    if torchrun_rank == 0:
+    if first:
         for s in bc.strategies:
             print(f"  {s}: {bc.dims(s).describe()}")
-    result = run_forward_bench(bc)
-    if result is None:  # a torchrun rank other than 0: rank 0 reports
+    result = run_forward_bench(bc, rdzv, show_progress=first)
+    if result is None:  # not rank 0's node or process: rank 0 reports
         return 0
     print()
     print(table(result))

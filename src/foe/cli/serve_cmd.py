@@ -6,19 +6,13 @@ import argparse
 import math
 from typing import TYPE_CHECKING
 
-from foe.cli.common import add_dtype_arg, add_model_args, at_least, float_in
+from foe.cli.common import add_device_arg, add_dtype_arg, add_model_args, float_in
+from foe.cli.launch_args import add_launch_args, port_number, positive_int, rendezvous_from_args
 
 if TYPE_CHECKING:
     from foe.config import ModelConfig
     from foe.engine.scheduler import SchedulerConfig
-    from foe.parallel.launch import Rendezvous
 
-DEFAULT_MASTER_PORT = 29500  # torchrun's
-
-
-positive_int = at_least(1)
-# a TCP port; 0 = any free port (the banner prints the one bound)
-port_number = at_least(0, 65535, " (0: any free port)")
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -41,6 +35,7 @@ def register(commands: argparse._SubParsersAction, bench: argparse._SubParsersAc
                                         "/v1/models, /health, /metrics (Prometheus).")
     add_model_args(p)
     add_dtype_arg(p)
+    add_device_arg(p)
     _add_engine_args(p)
     g = p.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
@@ -55,23 +50,10 @@ def register(commands: argparse._SubParsersAction, bench: argparse._SubParsersAc
     g = p.add_argument_group("parallel")
     g.add_argument("--strategy", choices=("none", "ep", "tp", "gp"), default="none",
                    help="how ranks split the model: ep/tp (MoE), gp (FoE); none = one process (default)")
-    g.add_argument("--nproc", type=positive_int, default=1,
-                   help="ranks per node (local gloo processes, as torchrun's --nproc-per-node; default 1)")
     g.add_argument("--ranks-per-group", type=positive_int, default=1, help="gp: ranks sharing one FoE group")
     g.add_argument("--ranks-per-node", type=positive_int, default=None,
                    help="node layout for communication accounting (one node; with --nnodes it is --nproc)")
-    g = p.add_argument_group("several nodes", "torchrun's conventions: world = nnodes x nproc, global rank = "
-                             "node_rank x nproc + local rank; node 0 serves the API, node k > 0 only runs ranks")
-    g.add_argument("--nnodes", type=positive_int, default=1, help="number of nodes (default 1)")
-    g.add_argument("--node-rank", type=at_least(0), default=0, help="this node's index, 0..nnodes-1 (default 0)")
-    g.add_argument("--master-addr", default="127.0.0.1",
-                   help="node 0's address as the other nodes reach it; rank 0's rendezvous listens on every "
-                        "interface (default 127.0.0.1)")
-    g.add_argument("--master-port", type=port_number, default=None,
-                   help=f"rendezvous port on node 0 (default {DEFAULT_MASTER_PORT} with several nodes, else any free port)")
-    g.add_argument("--dist-timeout", metavar="S", type=float_in(0, math.inf, lo_open=True), default=60.0,
-                   help="seconds to wait for the other ranks, at the rendezvous and in each collective, before "
-                        "failing with what to check (default 60)")
+    add_launch_args(p, 1, "serves the API, node k > 0 only runs ranks")
     p.set_defaults(func=serve)
 
     b = bench.add_parser("engine", help="engine throughput: continuous batching vs one-at-a-time vs static batches",
@@ -115,7 +97,7 @@ def _scheduler_config(args: argparse.Namespace, model_cfg: ModelConfig, dp_size:
 
 
 def serve(args: argparse.Namespace) -> int:
-    from foe.cli.common import config_from_args, dtype_from_args
+    from foe.cli.common import config_from_args, device_name, dtype_from_args
     from foe.engine.chat import ChatTemplate, chat_settings
     from foe.engine.launch import serve_forever
     from foe.engine.server import ServerConfig
@@ -123,14 +105,14 @@ def serve(args: argparse.Namespace) -> int:
     from foe.parallel import ParallelDims
 
     model_cfg = config_from_args(args)
-    rdzv = _rendezvous(args)
+    rdzv = rendezvous_from_args(args, 1)
     strategy = args.strategy if rdzv.world_size > 1 or args.strategy != "none" else "none"
     dims = ParallelDims(strategy, world_size=rdzv.world_size, ranks_per_group=args.ranks_per_group,
-                        ranks_per_node=args.nproc if rdzv.nnodes > 1 else args.ranks_per_node)
+                        ranks_per_node=rdzv.nproc if rdzv.nnodes > 1 else args.ranks_per_node)
     dims.validate(model_cfg)
     dtype = dtype_from_args(args)
     spec = ModelSpec(checkpoint=args.checkpoint, config=None if args.checkpoint else model_cfg, seed=args.seed,
-                     dtype=dtype)
+                     dtype=dtype, device=device_name(args))
     # the template (from the file or the checkpoint's tokenizer_config.json) compiles before anything loads
     chat, bos, eos = chat_settings(args.checkpoint, args.chat_template)
     if chat is not None:
@@ -138,21 +120,13 @@ def serve(args: argparse.Namespace) -> int:
     server_cfg = ServerConfig(model_name=args.served_model_name or f"foe-{model_cfg.arch}", host=args.host,
                               port=args.port, chat_template=chat, bos_token=bos, eos_token=eos)
     scheduler_cfg = _scheduler_config(args, model_cfg, dims.dp_size, dtype.itemsize)
+    if rdzv.torchrun and rdzv.env_rank() > 0:
+        from foe.engine.worker import serve_torchrun_rank
+        return serve_torchrun_rank(spec, dims, rdzv, scheduler_cfg.num_blocks, scheduler_cfg.block_size)
     if rdzv.node_rank > 0:
         from foe.engine.worker import serve_node
         return serve_node(spec, dims, rdzv, scheduler_cfg.num_blocks, scheduler_cfg.block_size)
     return serve_forever(spec, dims, scheduler_cfg, server_cfg, args.drain_timeout, rdzv)
-
-
-def _rendezvous(args: argparse.Namespace) -> Rendezvous:
-    """The job's layout from --nnodes/--node-rank/--master-*/--nproc (ValueError naming a contradiction)."""
-    from foe.parallel.launch import Rendezvous
-    if args.nnodes > 1 and args.ranks_per_node not in (None, args.nproc):
-        raise ValueError(f"with --nnodes, a node holds --nproc ({args.nproc}) ranks; drop --ranks-per-node "
-                         f"{args.ranks_per_node}")
-    port = args.master_port if args.master_port is not None else DEFAULT_MASTER_PORT if args.nnodes > 1 else 0
-    return Rendezvous(nproc=args.nproc, nnodes=args.nnodes, node_rank=args.node_rank, master_addr=args.master_addr,
-                      master_port=port, timeout_s=args.dist_timeout)
 
 
 def bench_engine(args: argparse.Namespace) -> int:

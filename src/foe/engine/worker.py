@@ -27,43 +27,45 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from foe.config import ModelConfig
 from foe.engine.request import StepPlan
 from foe.engine.runner import ModelRunner
 from foe.model.transformer import Transformer
 from foe.parallel import ParallelDims, parallelize
-from foe.parallel.launch import Rendezvous, connect_store, join_group, threads_per_rank
+from foe.parallel.launch import (LocalRanks, Rendezvous, connect_store, join_group, report_death, reported_death,
+                                 supervise_node, threads_per_rank)
 
 HEARTBEAT_S = 5.0
-EXIT_WAIT_S = 5.0  # a node's ranks, after rank 0 has gone, to exit on their own before being killed
-DEAD_KEY = "foe/dead"  # in the rendezvous store: a node's supervisor reports a dead rank to rank 0
 _NOOP, _STOP = "noop", "stop"
 
 
 @dataclass(frozen=True)
 class ModelSpec:
     """How every rank builds the same full model: a checkpoint, or a config and a seed; in `dtype` (None:
-    the checkpoint's stored dtype, float32 for random weights)."""
+    the checkpoint's stored dtype, float32 for random weights); on `device` (cpu or cuda: each rank takes
+    the GPU of its local rank)."""
 
     checkpoint: str | None = None
     config: ModelConfig | None = None
     seed: int = 0
     dtype: torch.dtype | None = None
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
         if (self.checkpoint is None) == (self.config is None):
             raise ValueError("a ModelSpec needs exactly one of checkpoint and config")
 
-    def build(self) -> Transformer:
+    def build(self, device: torch.device | None = None) -> Transformer:
+        """The model on `device` (default: `self.device` for a process of local rank 0)."""
+        from foe.device import resolve_device
         from foe.model.checkpoint import build_model
-        return build_model(self.checkpoint, self.config, self.seed, self.dtype)
+        return build_model(self.checkpoint, self.config, self.seed, self.dtype, device or resolve_device(self.device))
 
     @property
     def model_config(self) -> ModelConfig:
@@ -105,8 +107,7 @@ def _worker_main(rank: int, dims: ParallelDims, rdzv: Rendezvous, spec: ModelSpe
 
 def _serve_rank(rank: int, dims: ParallelDims, rdzv: Rendezvous, spec: ModelSpec, num_blocks: int,
                 block_size: int) -> None:
-    join_group(rdzv, rank)
-    model = spec.build()
+    model = spec.build(join_group(rdzv, rank))
     parallelize(model, dims, rank)
     runner = ModelRunner(model, num_blocks, block_size)
     while True:
@@ -122,52 +123,13 @@ def _serve_rank(rank: int, dims: ParallelDims, rdzv: Rendezvous, spec: ModelSpec
     dist.destroy_process_group()
 
 
-class LocalRanks:
-    """This node's worker ranks: spawned processes that exit with the process that started them."""
-
-    def __init__(self, ranks: range, dims: ParallelDims, rdzv: Rendezvous, spec: ModelSpec, num_blocks: int,
-                 block_size: int, threads: int) -> None:
-        self.host = rdzv.host() if rdzv.nnodes > 1 else "this host"
-        ctx = mp.get_context("spawn")
-        self.procs = {r: ctx.Process(target=_worker_main, daemon=True, name=f"foe-rank{r}",
-                                     args=(r, dims, rdzv, spec, num_blocks, block_size, threads)) for r in ranks}
-        for proc in self.procs.values():
-            proc.start()
-
-    def dead(self, clean_too: bool = False) -> str | None:
-        """Which ranks have exited (with an error code, unless clean_too), e.g. "worker rank 1 (pid 42) on
-        h (10.0.0.2) exited with code -9"."""
-        return ", ".join(f"worker rank {r} (pid {p.pid}) on {self.host} exited with code {p.exitcode}"
-                         for r, p in self.procs.items()
-                         if p.exitcode is not None and (clean_too or p.exitcode != 0)) or None
-
-    def all_exited_cleanly(self) -> bool:
-        return all(p.exitcode == 0 for p in self.procs.values())
-
-    def kill(self) -> None:
-        for proc in self.procs.values():
-            if proc.is_alive():
-                proc.kill()  # they ignore SIGTERM
-            proc.join(timeout=5)  # reap, so no zombie outlives us
-
-
-def _store_says_dead(store: dist.TCPStore | None) -> str | None:
-    """A death another node's supervisor reported in the rendezvous store."""
-    try:
-        if store is not None and store.check([DEAD_KEY]):
-            return store.get(DEAD_KEY).decode()
-    except Exception:  # noqa: BLE001 (the store lives in this process: only when shutting down)
-        pass
-    return None
-
-
 class DistributedExecutor:
     """Rank 0's side. Starts this node's other ranks (1..nproc-1) as local processes and joins the job as
     rank 0; on several nodes, their supervisors (`serve_node`) start theirs."""
 
     def __init__(self, spec: ModelSpec, dims: ParallelDims, num_blocks: int, block_size: int,
                  rdzv: Rendezvous | None = None, threads: int | None = None) -> None:
-        rdzv = (rdzv or Rendezvous(nproc=dims.world_size)).with_port()
+        rdzv = replace(rdzv or Rendezvous(nproc=dims.world_size), device=spec.device).with_port()
         if rdzv.world_size != dims.world_size or rdzv.node_rank != 0:
             raise ValueError(f"rank 0 runs on node 0 of a {dims.world_size}-rank job, got {rdzv}")
         self.dims = dims
@@ -177,28 +139,31 @@ class DistributedExecutor:
         self._closed = False
         self._store: dist.TCPStore | None = None
         threads = threads or threads_per_rank(rdzv.nproc)
-        self.ranks = LocalRanks(rdzv.local_ranks[1:], dims, rdzv, spec, num_blocks, block_size, threads)
+        # under torchrun every rank is its own torchrun child: none to start here
+        self.ranks = LocalRanks(_worker_main, range(0) if rdzv.torchrun else rdzv.local_ranks[1:],
+                                (dims, rdzv, spec, num_blocks, block_size, threads), rdzv,
+                                "worker rank")
         self._monitor = threading.Thread(target=self._watch, name="foe-rank-monitor", daemon=True)
         self._monitor.start()
         torch.set_num_threads(threads)
         try:
-            join_group(rdzv, 0)
+            device = join_group(rdzv, 0)
         except BaseException:
             self._closed = True
             self.ranks.kill()
             raise
-        if rdzv.nnodes > 1:
+        if rdzv.nnodes > 1 and not rdzv.torchrun:  # (torchrun's agents watch their own ranks)
             self._store = connect_store(rdzv)  # the monitor reads the other nodes' reports from it
-        model = spec.build()
+        model = spec.build(device)
         parallelize(model, dims, 0)
         self.runner = ModelRunner(model, num_blocks, block_size)
 
     @property
     def worker_pids(self) -> list[int]:
-        return [p.pid for p in self.ranks.procs.values() if p.pid is not None]
+        return self.ranks.pids
 
     def _death(self) -> str | None:
-        return self.ranks.dead(clean_too=True) or _store_says_dead(self._store)
+        return self.ranks.dead(clean_too=True) or reported_death(self._store)
 
     def _watch(self) -> None:
         while not self._closed:
@@ -210,7 +175,7 @@ class DistributedExecutor:
     def _fail(self, reason: str) -> None:
         if self.failed is None:
             self.failed = reason
-            _report(self._store, reason)  # the other nodes' supervisors name it
+            report_death(self._store, reason)  # the other nodes' supervisors name it
             if self.on_failure is not None:
                 self.on_failure(reason)
             else:  # still starting up (rank 0 may be blocked in a collective): do not hang
@@ -278,76 +243,29 @@ def serve_node(spec: ModelSpec, dims: ParallelDims, rdzv: Rendezvous, num_blocks
     """Node k > 0 of a multi-node `foe serve`: start this node's ranks, which join rank 0's job, and
     supervise them (no HTTP here). Returns 0 when the job stopped cleanly, 1 when a rank died or node 0
     went away; a local death is reported to rank 0 through the store, so that its error names the rank."""
+    rdzv = replace(rdzv, device=spec.device)
     host = rdzv.host()
     _say(f"node {rdzv.node_rank} of {rdzv.nnodes} on {host}: ranks {rdzv.local_ranks[0]}..{rdzv.local_ranks[-1]} "
          f"of {rdzv.world_size} ({dims.describe()}); waiting for node 0 at {rdzv.endpoint} (the API is served there)")
     store = connect_store(rdzv)
     threads = threads or threads_per_rank(rdzv.nproc)
-    ranks = LocalRanks(rdzv.local_ranks, dims, rdzv, spec, num_blocks, block_size, threads)
+    ranks = LocalRanks(_worker_main, rdzv.local_ranks, (dims, rdzv, spec, num_blocks, block_size, threads), rdzv,
+                       "worker rank")
     _say(f"reached {rdzv.endpoint}; started " + ", ".join(f"rank {r} (pid {p.pid})" for r, p in ranks.procs.items()))
     try:
-        return _supervise(ranks, store, rdzv)
+        return supervise_node(ranks, store, rdzv, _say)
     finally:
         ranks.kill()
 
 
-def _supervise(ranks: LocalRanks, store: dist.TCPStore, rdzv: Rendezvous) -> int:
-    gone = f"node 0 (rank 0, {rdzv.endpoint}) is gone"
-    while True:
-        if dead := ranks.dead():
-            cause = _cause(store, gone)
-            if cause is None:  # this node's rank is the first to go: tell rank 0, whose error names it
-                _report(store, dead)
-                _say(f"{dead}; stopping this node's ranks and the job")
-            else:
-                _say(f"{cause}; so {dead}; stopping this node's ranks")
-            return 1
-        if ranks.all_exited_cleanly():
-            _say("the job stopped; this node's ranks exited cleanly")
-            return 0
-        if not _store_alive(store):
-            # After a clean stop the ranks exit on their own, possibly just after rank 0: give them a moment.
-            deadline = time.monotonic() + EXIT_WAIT_S
-            while ranks.dead(clean_too=True) is None and time.monotonic() < deadline:
-                time.sleep(0.1)
-            if ranks.all_exited_cleanly():
-                _say("the job stopped; this node's ranks exited cleanly")
-                return 0
-            _say(f"{gone}; stopping this node's ranks")
-            return 1
-        time.sleep(0.2)
-
-
-def _cause(store: dist.TCPStore, gone: str, wait_s: float = 1.0) -> str | None:
-    """Why a rank here failed, if not by itself: another rank's death (its peers' collectives fail at once,
-    before that death is reported) or the end of the job. Waits a little for the report."""
-    deadline = time.monotonic() + wait_s
-    while True:
-        if not _store_alive(store):
-            return gone
-        if reported := _store_says_dead(store):
-            return reported
-        if time.monotonic() > deadline:
-            return None
-        time.sleep(0.05)
-
-
-def _report(store: dist.TCPStore | None, reason: str) -> None:
-    """Record the first death of the job in the store, for rank 0's error and the other nodes' messages."""
-    try:
-        if store is not None and not store.check([DEAD_KEY]):
-            store.set(DEAD_KEY, reason)
-    except Exception:  # noqa: BLE001 (the store has gone: the job is ending anyway)
-        pass
-
-
-def _store_alive(store: dist.TCPStore) -> bool:
-    try:
-        store.check([DEAD_KEY])
-        return True
-    except Exception:  # noqa: BLE001 (DistNetworkError and kin: the server has gone)
-        return False
-
-
 def _say(msg: str) -> None:
     print(f"foe serve: {msg}", file=sys.stderr, flush=True)
+
+
+def serve_torchrun_rank(spec: ModelSpec, dims: ParallelDims, rdzv: Rendezvous, num_blocks: int, block_size: int
+                        ) -> int:
+    """A rank other than 0 of a `foe serve` started by torchrun: run the model until rank 0 stops the job
+    (torchrun supervises the processes; rank 0 serves the API)."""
+    rdzv = replace(rdzv, device=spec.device)
+    _worker_main(Rendezvous.env_rank(), dims, rdzv, spec, num_blocks, block_size, threads_per_rank(rdzv.nproc))
+    return 0

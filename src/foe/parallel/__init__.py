@@ -29,7 +29,8 @@ def parallelize(model: Transformer, dims: ParallelDims, rank: int | None = None,
     if dims.strategy == "none":
         return Comm(dims, 0, ledger)
     if not dist.is_initialized():
-        raise RuntimeError("torch.distributed is not initialised: call foe.parallel.init_distributed() first")
+        raise RuntimeError("torch.distributed is not initialised: start the ranks with foe.parallel.run_ranks, or "
+                           "join torchrun's job with foe.parallel.init_distributed() first")
     if dist.get_world_size() != dims.world_size:
         raise ValueError(f"launched with {dist.get_world_size()} processes but the layout asks for {dims.world_size}")
     rank = dist.get_rank() if rank is None else rank

@@ -1,232 +1,297 @@
-"""Starting ranks: under torchrun (env vars set), as local processes spawned by `run_ranks`, or as one node
-of a multi-node job described by a `Rendezvous` (torchrun's conventions; `foe serve --nnodes`).
+"""The one launcher: how every multi-process command of foe starts, joins and supervises its ranks.
 
-`run_ranks` is what the benchmarks and tests use on one machine: it starts P processes with a gloo
-rendezvous on 127.0.0.1, returns each rank's result, and if any rank dies or raises, stops the others
-and raises with that rank's error, so a dead worker never leaves the rest hanging in a collective.
+- `join_group` is the only `init_process_group` in foe. The backend follows the device: NCCL on CUDA (each
+  rank on the GPU of its local rank), gloo on the CPU. A rank that cannot reach the others within the
+  rendezvous timeout gets a ConnectionError saying what to check.
+- `LocalRanks` starts this node's ranks as child processes and tells which have died, naming the host.
+- `supervise_node` is node k > 0's side of a multi-node job: watch the local ranks, report a death to rank 0
+  through the rendezvous store (so rank 0's error names rank and host), and stop when the job ends.
+- `run_ranks` runs a function on every rank of a job (local, several nodes, or under torchrun) and returns
+  the results of all ranks on node 0: the benchmarks, the sim's measurements and the tests use it;
+  `foe serve` builds its long-running ranks from the same parts (`foe.engine.worker`).
+
+Any rank that dies or raises stops the job with that rank's error instead of leaving the others hanging
+in a collective.
 """
 
 from __future__ import annotations
 
 import datetime
-import fcntl
-import os
 import queue
-import socket
-import struct
 import time
 import traceback
-from dataclasses import dataclass, replace
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from foe.device import backend_for, resolve_device
+from foe.parallel.rendezvous import (Rendezvous, connect_store, free_port, local_address, one_line,
+                                     pick_gloo_interface, threads_per_rank)
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+default_threads = threads_per_rank  # run_ranks has a parameter of that name
 
+DEAD_KEY = "foe/dead"  # in the rendezvous store: the first death of the job, as "<what> on <host>"
+EXIT_WAIT_S = 5.0  # a node's ranks, after rank 0 has gone, to exit on their own before being killed
+_device: torch.device | None = None  # this rank's device, once it has joined
 
-@dataclass(frozen=True)
-class Rendezvous:
-    """Where the ranks of one job meet, and this node's place in it, with torchrun's conventions: `nnodes`
-    nodes of `nproc` ranks each, global rank = node_rank * nproc + local rank. Rank 0 (on node 0) hosts the
-    TCPStore on master_port of every interface; the other nodes reach it at master_addr. `timeout_s` bounds
-    every wait for another rank: the rendezvous, and each collective."""
-
-    nproc: int = 1
-    nnodes: int = 1
-    node_rank: int = 0
-    master_addr: str = "127.0.0.1"
-    master_port: int = 0  # 0: any free port, on one node only
-    timeout_s: float = 60.0
-
-    def __post_init__(self) -> None:
-        if self.nproc < 1 or self.nnodes < 1:
-            raise ValueError("nproc and nnodes must be >= 1")
-        if not 0 <= self.node_rank < self.nnodes:
-            raise ValueError(f"node rank must be in 0..{self.nnodes - 1}, got {self.node_rank}")
-        if self.nnodes > 1 and self.master_port == 0:
-            raise ValueError("several nodes need a fixed master port (the other nodes must know it)")
-        if self.timeout_s <= 0:
-            raise ValueError(f"the rendezvous timeout must be > 0 s, got {self.timeout_s}")
-
-    @property
-    def world_size(self) -> int:
-        return self.nnodes * self.nproc
-
-    @property
-    def local_ranks(self) -> range:
-        return range(self.node_rank * self.nproc, (self.node_rank + 1) * self.nproc)
-
-    @property
-    def endpoint(self) -> str:
-        return f"{self.master_addr}:{self.master_port}"
-
-    def with_port(self) -> Rendezvous:
-        """This rendezvous with a concrete port (a free one when 0)."""
-        return self if self.master_port else replace(self, master_port=free_port())
-
-    def host(self) -> str:
-        """This node, for messages: its address facing the master (namespaces share one hostname)."""
-        addr = local_address(self.master_addr)
-        return f"{socket.gethostname()} ({addr})" if addr else socket.gethostname()
-
-    def check_hint(self) -> str:
-        return (f"check that node 0 runs `foe serve ... --nnodes {self.nnodes} --node-rank 0 --master-port "
-                f"{self.master_port}`, that every other node runs the same command with its --node-rank and "
-                f"--master-addr {self.master_addr}, that {self.endpoint} is "
-                f"node 0's address and port as seen from the other nodes, and that no firewall blocks it "
-                f"(--dist-timeout sets this wait)")
+__all__ = ["DEAD_KEY", "LocalRanks", "Rendezvous", "connect_store", "free_port", "init_distributed",
+           "join_group", "local_address", "rank_device", "report_death", "reported_death", "run_ranks",
+           "store_alive", "supervise_node", "threads_per_rank"]
 
 
-def threads_per_rank(local_ranks: int) -> int:
-    """Threads for each of `local_ranks` processes on this host: OMP_NUM_THREADS when set (as
-    torchrun sets it), else the cores shared out. Several ranks spinning on more threads than cores slow
-    every collective down."""
-    env = os.environ.get("OMP_NUM_THREADS", "")
-    return int(env) if env.isdigit() and int(env) > 0 else max(1, (os.cpu_count() or 1) // local_ranks)
-
-
-def local_address(peer: str) -> str | None:
-    """This host's IPv4 address on the route to `peer` (no packet is sent), or None."""
+def join_group(rdzv: Rendezvous, rank: int) -> torch.device:
+    """Join the job as global `rank`; returns this rank's device (the GPU of its local rank on CUDA).
+    ConnectionError saying what to check when the other ranks are not all there within the timeout."""
+    global _device
+    device = resolve_device(rdzv.device, rdzv.local_rank(rank))
+    backend = backend_for(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    else:
+        pick_gloo_interface(rdzv)
+    init = "env://" if rdzv.torchrun else f"tcp://{rdzv.endpoint}"  # torchrun's agent hosts the store
     try:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            s.connect((peer, 9))
-            return s.getsockname()[0]
-    except OSError:
-        return None
+        dist.init_process_group(backend, init_method=init, rank=rank, world_size=rdzv.world_size,
+                                timeout=datetime.timedelta(seconds=rdzv.timeout_s),
+                                device_id=device if device.type == "cuda" else None)
+    except (RuntimeError, TimeoutError) as e:  # DistStoreError, DistNetworkError, gloo's connect timeout
+        raise ConnectionError(f"rank {rank} could not join the {rdzv.world_size} ranks at {rdzv.endpoint} within "
+                              f"{rdzv.timeout_s:g} s ({one_line(e)}); {rdzv.check_hint()}") from e
+    _device = device
+    return device
 
 
-def interface_of(addr: str) -> str | None:
-    """The name of the network interface holding the IPv4 address `addr` (Linux), or None."""
-    siocgifaddr = 0x8915
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        for _, name in socket.if_nameindex():
-            try:
-                raw = fcntl.ioctl(s.fileno(), siocgifaddr, struct.pack("256s", name.encode()[:15]))
-            except OSError:
-                continue
-            if socket.inet_ntoa(raw[20:24]) == addr:
-                return name
+def rank_device() -> torch.device:
+    """The device this rank joined with (the CPU before `join_group`)."""
+    return _device or torch.device("cpu")
+
+
+def init_distributed(device: str = "cpu", timeout_s: float = 120.0) -> tuple[int, int]:
+    """Join the job torchrun started this process in; (rank, world_size). Already joined: as it is."""
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    rdzv = Rendezvous.from_env(timeout_s, device)
+    if rdzv is None:
+        raise RuntimeError("no RANK in the environment: launch with torchrun, or use foe.parallel.run_ranks")
+    rank = Rendezvous.env_rank()
+    join_group(rdzv, rank)
+    return rank, rdzv.world_size
+
+
+def leave_group() -> None:
+    """Leave after a barrier: a rank that tears its group down while a peer is still in a collective
+    makes gloo abort that peer."""
+    if dist.is_initialized():
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
+
+
+class LocalRanks:
+    """This node's ranks: `target(rank, *args)` in spawned child processes named foe-rank<r>. They are
+    daemons, so they end with the process that started them (and `exit_with_parent` covers SIGKILL)."""
+
+    def __init__(self, target: Callable[..., None], ranks: range, args: tuple, rdzv: Rendezvous,
+                 label: str = "rank") -> None:
+        self.host = rdzv.host() if rdzv.nnodes > 1 else "this host"
+        self.label = label
+        ctx = mp.get_context("spawn")
+        self.procs = {r: ctx.Process(target=target, args=(r, *args), daemon=True, name=f"foe-rank{r}")
+                      for r in ranks}
+        for proc in self.procs.values():
+            proc.start()
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs.values() if p.pid is not None]
+
+    def dead(self, clean_too: bool = False) -> str | None:
+        """Which ranks have exited (with an error code, unless clean_too), e.g. "rank 1 (pid 42) on
+        h (10.0.0.2) exited with code -9"."""
+        return ", ".join(f"{self.label} {r} (pid {p.pid}) on {self.host} exited with code {p.exitcode}"
+                         for r, p in self.procs.items()
+                         if p.exitcode is not None and (clean_too or p.exitcode != 0)) or None
+
+    def all_exited_cleanly(self) -> bool:
+        return all(p.exitcode == 0 for p in self.procs.values())
+
+    def join(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        for p in self.procs.values():
+            p.join(timeout=max(0.0, deadline - time.monotonic()))
+
+    def kill(self) -> None:
+        for proc in self.procs.values():
+            if proc.is_alive():
+                proc.kill()  # serving ranks ignore SIGTERM
+            proc.join(timeout=5)  # reap, so no zombie outlives us
+
+
+# --- the rendezvous store as the job's noticeboard (several nodes) ---
+
+def report_death(store: dist.TCPStore | None, reason: str) -> None:
+    """Record the first death of the job in the store, for rank 0's error and the other nodes' messages."""
+    try:
+        if store is not None and not store.check([DEAD_KEY]):
+            store.set(DEAD_KEY, reason)
+    except Exception:  # noqa: BLE001 (the store has gone: the job is ending anyway)
+        pass
+
+
+def reported_death(store: dist.TCPStore | None) -> str | None:
+    """A death another node reported in the store."""
+    try:
+        if store is not None and store.check([DEAD_KEY]):
+            return store.get(DEAD_KEY).decode()
+    except Exception:  # noqa: BLE001 (the store has gone)
+        pass
     return None
 
 
-def _pick_gloo_interface(rdzv: Rendezvous) -> None:
-    """Gloo advertises the address its hostname resolves to, else loopback: wrong on a host whose hostname
-    is not its address on the job's network. Use the interface that routes to the master instead (unless
-    GLOO_SOCKET_IFNAME is set)."""
-    if rdzv.nnodes > 1 and "GLOO_SOCKET_IFNAME" not in os.environ:
-        iface = interface_of(local_address(rdzv.master_addr) or "")
-        if iface:
-            os.environ["GLOO_SOCKET_IFNAME"] = iface
-
-
-def join_group(rdzv: Rendezvous, rank: int) -> None:
-    """init_process_group (gloo) for global `rank` of `rdzv`; ConnectionError saying what to check when the
-    other ranks are not all there within the timeout."""
-    _pick_gloo_interface(rdzv)
+def store_alive(store: dist.TCPStore) -> bool:
+    """Whether rank 0's store still answers (it goes when rank 0 exits: the job has ended)."""
     try:
-        dist.init_process_group("gloo", init_method=f"tcp://{rdzv.endpoint}", rank=rank,
-                                world_size=rdzv.world_size, timeout=datetime.timedelta(seconds=rdzv.timeout_s))
-    except (RuntimeError, TimeoutError) as e:  # DistStoreError, DistNetworkError, gloo's connect timeout
-        raise ConnectionError(f"rank {rank} could not join the {rdzv.world_size} ranks at {rdzv.endpoint} within "
-                              f"{rdzv.timeout_s:g} s ({_one_line(e)}); {rdzv.check_hint()}") from e
+        store.check([DEAD_KEY])
+        return True
+    except Exception:  # noqa: BLE001 (DistNetworkError and kin: the server has gone)
+        return False
 
 
-def connect_store(rdzv: Rendezvous) -> dist.TCPStore:
-    """A client of rank 0's TCPStore (a node's supervisor uses it to report and to notice the job ending);
-    ConnectionError saying what to check when it cannot be reached within the timeout."""
-    try:
-        return dist.TCPStore(rdzv.master_addr, rdzv.master_port, is_master=False,
-                             timeout=datetime.timedelta(seconds=rdzv.timeout_s))
-    except (RuntimeError, TimeoutError, OSError) as e:
-        raise ConnectionError(f"cannot reach node 0's rendezvous at {rdzv.endpoint} within {rdzv.timeout_s:g} s "
-                              f"({_one_line(e)}); {rdzv.check_hint()}") from e
+def _cause(store: dist.TCPStore, gone: str, wait_s: float = 1.0) -> str | None:
+    """Why a rank here failed, if not by itself: another rank's death (its peers' collectives fail at once,
+    before that death is reported) or the end of the job. Waits a little for the report."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        if not store_alive(store):
+            return gone
+        if reported := reported_death(store):
+            return reported
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(0.05)
 
 
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split())[:300]
+def supervise_node(ranks: LocalRanks, store: dist.TCPStore, rdzv: Rendezvous, say: Callable[[str], None],
+                   finished: Callable[[], bool] | None = None) -> int:
+    """Node k > 0: watch this node's ranks until the job ends. 0 when it ended cleanly (every rank exited 0,
+    or `finished()` says this node's work is done), 1 when a rank died (reported to rank 0 when it was the
+    first death) or node 0 went away."""
+    gone = f"node 0 (rank 0, {rdzv.endpoint}) is gone"
+    while True:
+        if dead := ranks.dead():
+            cause = _cause(store, gone)
+            if cause is None:  # this node's rank is the first to go: tell rank 0, whose error names it
+                report_death(store, dead)
+                say(f"{dead}; stopping this node's ranks and the job")
+            else:
+                say(f"{cause}; so {dead}; stopping this node's ranks")
+            return 1
+        if ranks.all_exited_cleanly() or (finished is not None and finished()):
+            say("the job stopped; this node's ranks exited cleanly")
+            return 0
+        if not store_alive(store):
+            # After a clean stop the ranks exit on their own, possibly just after rank 0: give them a moment.
+            deadline = time.monotonic() + EXIT_WAIT_S
+            while ranks.dead(clean_too=True) is None and time.monotonic() < deadline:
+                time.sleep(0.1)
+            if ranks.all_exited_cleanly():
+                say("the job stopped; this node's ranks exited cleanly")
+                return 0
+            say(f"{gone}; stopping this node's ranks")
+            return 1
+        time.sleep(0.2)
 
 
-def init_distributed(backend: str | None = None, timeout_s: float = 120.0) -> tuple[int, int]:
-    """Initialise torch.distributed from torchrun's environment; returns (rank, world_size)."""
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    if "RANK" not in os.environ:
-        raise RuntimeError("no RANK in the environment: launch with torchrun, or use foe.parallel.run_ranks")
-    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
-    if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
-    return dist.get_rank(), dist.get_world_size()
+# --- run_ranks: a function on every rank, results back on node 0 ---
 
-
-def _worker(rank: int, world: int, port: int, fn: Callable, args: tuple, results: Any,
-            threads: int, timeout_s: float) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _run_rank(rank: int, rdzv: Rendezvous, fn: Callable, args: tuple, results: Any, threads: int) -> None:
     torch.set_num_threads(threads)
     try:
-        init_distributed("gloo", timeout_s)
-        out = fn(rank, world, *args)
-        results.put((rank, "ok", out))
+        join_group(rdzv, rank)
+        out = fn(rank, rdzv.world_size, *args)
+        every: list[Any] | None = [None] * rdzv.world_size if rank == 0 else None
+        dist.gather_object(out, every, dst=0)  # across nodes: rank 0 holds all results
+        results.put((rank, "ok", every))
     except BaseException:
         results.put((rank, "error", traceback.format_exc()))
-        raise SystemExit(1)
+        raise SystemExit(1) from None
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _died_silently(procs: list, reported: set[int]) -> str | None:
-    """Ranks that exited with an error code without reporting (killed, crashed, os._exit)."""
-    dead = [f"rank {r} died (exit code {p.exitcode})" for r, p in enumerate(procs)
-            if r not in reported and p.exitcode not in (None, 0)]
-    return ", ".join(dead) or None
+def run_ranks(fn: Callable[..., Any], job: int | Rendezvous, *args: Any, timeout_s: float = 600.0,
+              threads_per_rank: int | None = None) -> list[Any] | None:
+    """Run fn(rank, world_size, *args) on every rank of `job` (an int: that many local ranks); the results by
+    rank on node 0, None on the other nodes. Under torchrun (RANK set and `job` a Rendezvous.from_env) this
+    process is one rank: fn runs here, and rank 0 gets the results.
 
-
-def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: float = 600.0,
-              threads_per_rank: int | None = None) -> list[Any]:
-    """Run fn(rank, world_size, *args) on `world_size` local gloo processes; return results by rank.
-
-    `fn` must be importable (a module-level function). Results travel back over a multiprocessing
-    queue, so keep them small (numbers, lists, small tensors)."""
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    threads = threads_per_rank or max(1, (os.cpu_count() or 1) // world_size)
-    port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, results, threads, timeout_s),
-                         daemon=True) for r in range(world_size)]
-    for p in procs:
-        p.start()
-    out: dict[int, Any] = {}
-    reported: set[int] = set()
-    deadline = datetime.datetime.now() + datetime.timedelta(seconds=timeout_s)
+    `fn` must be importable (a module-level function); results are pickled to rank 0, so keep them small.
+    If any rank dies or raises, the others are stopped and RuntimeError names the rank, its host and error."""
+    rdzv = Rendezvous(nproc=job) if isinstance(job, int) else job
+    if rdzv.torchrun:
+        return _run_here(fn, rdzv, args)
+    rdzv = rdzv.with_port()
+    threads = threads_per_rank or default_threads(rdzv.nproc)
+    results = mp.get_context("spawn").Queue()
+    ranks = LocalRanks(_run_rank, rdzv.local_ranks, (rdzv, fn, args, results, threads), rdzv)
+    store = None
     try:
-        while len(out) < world_size:
-            try:
-                rank, status, value = results.get(timeout=0.5)
-            except queue.Empty:
-                if died := _died_silently(procs, reported):
-                    raise RuntimeError(f"{died}; stopped the other ranks") from None
-                if datetime.datetime.now() > deadline:
-                    raise TimeoutError(f"ranks did not finish within {timeout_s:.0f} s") from None
-                continue
-            reported.add(rank)
-            if status == "error":
-                # A peer that crashed makes the others fail in their next collective: name the crash first.
-                time.sleep(0.5)
-                died = _died_silently(procs, reported)
-                raise RuntimeError((f"{died}; then " if died else "") + f"rank {rank} failed:\n{value}")
-            out[rank] = value
+        if rdzv.nnodes > 1:
+            store = connect_store(rdzv)
+        return _collect(ranks, results, rdzv, store, timeout_s)
     finally:
-        for p in procs:
-            if p.is_alive() and len(out) < world_size:
-                p.terminate()
-        for p in procs:
-            p.join(timeout=10)
-    return [out[r] for r in range(world_size)]
+        ranks.join(timeout_s=10)
+        ranks.kill()
+
+
+def _run_here(fn: Callable, rdzv: Rendezvous, args: tuple) -> list[Any] | None:
+    rank = Rendezvous.env_rank()
+    torch.set_num_threads(default_threads(rdzv.nproc))
+    join_group(rdzv, rank)
+    try:
+        out = fn(rank, rdzv.world_size, *args)
+        every: list[Any] | None = [None] * rdzv.world_size if rank == 0 else None
+        dist.gather_object(out, every, dst=0)
+    finally:
+        leave_group()
+    return every
+
+
+def _collect(ranks: LocalRanks, results: Any, rdzv: Rendezvous, store: dist.TCPStore | None,
+             timeout_s: float) -> list[Any] | None:
+    """Wait for this node's ranks to report; stop the job on the first failure anywhere."""
+    done: dict[int, Any] = {}
+    reported: set[int] = set()
+    where = f" on {ranks.host}" if rdzv.nnodes > 1 else ""
+    deadline = time.monotonic() + timeout_s
+    while len(done) < rdzv.nproc:
+        try:
+            rank, status, value = results.get(timeout=0.5)
+        except queue.Empty:
+            if died := _died_silently(ranks, reported) or reported_death(store):
+                report_death(store, died)
+                raise RuntimeError(f"{died}; stopped the other ranks") from None
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"ranks did not finish within {timeout_s:.0f} s") from None
+            continue
+        reported.add(rank)
+        if status == "error":
+            # A peer that crashed makes the others fail in their next collective: name the crash first.
+            time.sleep(0.5)
+            died = _died_silently(ranks, reported) or reported_death(store)
+            report_death(store, f"rank {rank}{where} failed: {value.strip().splitlines()[-1]}")
+            raise RuntimeError((f"{died}; then " if died else "") + f"rank {rank}{where} failed:\n{value}")
+        done[rank] = value
+    return done[rdzv.local_ranks[0]] if rdzv.node_rank == 0 else None
+
+
+def _died_silently(ranks: LocalRanks, reported: set[int]) -> str | None:
+    """Ranks here that exited with an error code without reporting (killed, crashed, os._exit)."""
+    return ", ".join(f"{ranks.label} {r} (pid {p.pid}) on {ranks.host} died (exit code {p.exitcode})"
+                     for r, p in ranks.procs.items()
+                     if r not in reported and p.exitcode not in (None, 0)) or None

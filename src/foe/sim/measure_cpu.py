@@ -15,8 +15,6 @@ This is a measurement script (it imports torch and torch.distributed); the cost 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import sys
 import time
@@ -42,10 +40,8 @@ def _time(fn, reps: int, best: bool = False) -> float:
     return min(ts) if best else statistics.median(ts)
 
 
-def _collectives(rank: int, world: int, port: int, reps: int, out: dict) -> None:
+def _collectives(rank: int, world: int, reps: int) -> list[dict]:
     import torch.distributed as dist
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     res = []
     for n in SIZES:
         x = torch.ones(n // 4)
@@ -56,16 +52,7 @@ def _collectives(rank: int, world: int, port: int, reps: int, out: dict) -> None
             t = torch.tensor([_time(fn, reps, best=True)])
             dist.all_reduce(t, op=dist.ReduceOp.MAX)  # the collective ends when the slowest rank does
             res.append(dict(op=op, ranks=world, bytes=n, seconds=float(t)))
-    if rank == 0:
-        out["collectives"] = res
-    dist.destroy_process_group()
-
-
-def _worker(rank: int, world: int, port: int, reps: int, path: str) -> None:
-    out: dict = {}
-    _collectives(rank, world, port, reps, out)
-    if rank == 0:
-        Path(path).write_text(json.dumps(out))
+    return res
 
 
 def measure_compute(reps: int) -> dict:
@@ -105,17 +92,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="small")
     p.add_argument("--reps", type=int, default=7)
-    p.add_argument("--port", type=int, default=29571)
     p.add_argument("--out", type=Path, default=OUT)
     args = p.parse_args(argv)
     tune_malloc()  # the same allocator settings as the `foe` commands whose runs this calibrates against
-    import tempfile
-
-    import torch.multiprocessing as mp
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "c.json")
-        mp.spawn(_worker, args=(2, args.port, args.reps, path), nprocs=2, join=True)
-        coll = json.loads(Path(path).read_text())["collectives"]
+    from foe.parallel import run_ranks
+    coll = run_ranks(_collectives, 2, args.reps, threads_per_rank=1)[0]
     for c in coll:
         print(f"{c['op']:10s} {c['ranks']} ranks {c['bytes']:>8d} B: {c['seconds'] * 1e3:.3f} ms")
     comp = measure_compute(args.reps)

@@ -13,14 +13,15 @@ import os
 import torch
 import torch.distributed as dist
 
+from foe.parallel.launch import init_distributed
+
 
 def init_from_env(device: str = "cpu") -> tuple[int, int]:
-    """(rank, world) from torchrun's variables; initialises gloo (CPU) or NCCL (CUDA) when world > 1."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    return rank, world
+    """(rank, world) from torchrun's variables, joined through foe's launcher (gloo on CPU, NCCL on CUDA)
+    when world > 1; (0, 1) in a single process."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return 0, 1
+    return init_distributed(torch.device(device).type)
 
 
 def all_reduce_grads(params: list[torch.nn.Parameter], world: int) -> None:
