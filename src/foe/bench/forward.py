@@ -26,7 +26,7 @@ from foe.config import ModelConfig
 from foe.device import synchronize
 from foe.model.precision import dtype_named
 from foe.parallel import ParallelDims, parallelize, run_ranks
-from foe.parallel.launch import rank_device
+from foe.parallel.launch import job_hosts, rank_device, ranks_per_host
 from foe.parallel.rendezvous import Rendezvous, threads_per_rank
 
 STRATEGY_ARCH = {"ep": "moe", "tp": "moe", "gp": "foe"}
@@ -100,11 +100,23 @@ def _time_one(fn) -> float:
     return float(dt)
 
 
+def check_hosts(bc: ForwardBenchConfig) -> list[str]:
+    """Every rank's real host; on several hosts the node layout of the byte accounting must be theirs."""
+    hosts = job_hosts()
+    real = ranks_per_host(hosts)
+    if real is not None and real != bc.dims(bc.strategies[0]).ranks_per_node:
+        raise ValueError(f"the ranks run on {len(hosts) // real} hosts of {real}, but the accounting assumes "
+                         f"{bc.dims(bc.strategies[0]).ranks_per_node} per node: pass --nnodes {len(hosts) // real}")
+    return hosts
+
+
 @torch.inference_mode()
-def bench_worker(rank: int, world: int, bc: ForwardBenchConfig, show_progress: bool = True) -> list[dict]:
+def bench_worker(rank: int, world: int, bc: ForwardBenchConfig, show_progress: bool = True
+                 ) -> tuple[list[dict], list[str]]:
     """All strategies' models live side by side in each rank; their timed repeats are interleaved so
-    that a change in machine load hits every strategy alike."""
+    that a change in machine load hits every strategy alike. Returns the rows and every rank's host."""
     from foe.model import Transformer
+    hosts = check_hosts(bc)
     models, comms, dims = {}, {}, {}
     for s in bc.strategies:
         torch.manual_seed(bc.seed)  # same weights on every rank before slicing
@@ -136,7 +148,7 @@ def bench_worker(rank: int, world: int, bc: ForwardBenchConfig, show_progress: b
                 bar.update()
     if bar:
         bar.close()
-    return rows
+    return rows, hosts
 
 
 def _make_step(model, dims: ParallelDims, rank: int, mode: str, B: int, bc: ForwardBenchConfig):
@@ -197,12 +209,12 @@ def run_forward_bench(bc: ForwardBenchConfig, rdzv: Rendezvous | None = None, sh
     every = run_ranks(bench_worker, replace(rdzv, device=bc.device), bc, show_progress, timeout_s=3600)
     if every is None:  # not rank 0's node (or process, under torchrun)
         return None
-    cfg = bc.model_config("gp")
+    cfg, (rows, hosts) = bc.model_config("gp"), every[0]
     return {"config": {**asdict(bc), "model": cfg.to_dict()},
             "machine": {"torch": torch.__version__, "cpus": os.cpu_count(), "device": bc.device,
-                        "threads_per_rank": threads_per_rank(rdzv.nproc)},
+                        "threads_per_rank": threads_per_rank(rdzv.nproc), "hosts": hosts},
             "layout": {s: bc.dims(s).describe() for s in bc.strategies},
-            "wall_seconds": time.time() - t0, "results": every[0], "ratios": ratios(every[0])}
+            "wall_seconds": time.time() - t0, "results": rows, "ratios": ratios(rows)}
 
 
 def ratios(rows: list[dict]) -> list[dict]:

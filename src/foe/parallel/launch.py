@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import datetime
 import queue
+import socket
 import time
 import traceback
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -28,7 +30,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from foe.device import backend_for, resolve_device
-from foe.parallel.rendezvous import (Rendezvous, connect_store, free_port, local_address, one_line,
+from foe.parallel.rendezvous import (Rendezvous, connect_store, free_port, host_store, local_address, one_line,
                                      pick_gloo_interface, threads_per_rank)
 
 default_threads = threads_per_rank  # run_ranks has a parameter of that name
@@ -36,37 +38,62 @@ default_threads = threads_per_rank  # run_ranks has a parameter of that name
 DEAD_KEY = "foe/dead"  # in the rendezvous store: the first death of the job, as "<what> on <host>"
 EXIT_WAIT_S = 5.0  # a node's ranks, after rank 0 has gone, to exit on their own before being killed
 _device: torch.device | None = None  # this rank's device, once it has joined
+_joined: Rendezvous | None = None  # the job this rank joined
 
 __all__ = ["DEAD_KEY", "LocalRanks", "Rendezvous", "connect_store", "free_port", "init_distributed",
-           "join_group", "local_address", "rank_device", "report_death", "reported_death", "run_ranks",
+           "job_hosts", "join_group", "local_address", "ranks_per_host", "rank_device", "report_death", "reported_death", "run_ranks",
            "store_alive", "supervise_node", "threads_per_rank"]
 
 
 def join_group(rdzv: Rendezvous, rank: int) -> torch.device:
     """Join the job as global `rank`; returns this rank's device (the GPU of its local rank on CUDA).
     ConnectionError saying what to check when the other ranks are not all there within the timeout."""
-    global _device
+    global _device, _joined
     device = resolve_device(rdzv.device, rdzv.local_rank(rank))
     backend = backend_for(device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     else:
         pick_gloo_interface(rdzv)
-    init = "env://" if rdzv.torchrun else f"tcp://{rdzv.endpoint}"  # torchrun's agent hosts the store
+    # torchrun's agent, or foe's launcher, may host the store; else rank 0 does (tcp://)
+    store = connect_store(rdzv) if rdzv.launcher_store else None
+    init = None if store else "env://" if rdzv.torchrun else f"tcp://{rdzv.endpoint}"
     try:
-        dist.init_process_group(backend, init_method=init, rank=rank, world_size=rdzv.world_size,
+        dist.init_process_group(backend, init_method=init, store=store, rank=rank, world_size=rdzv.world_size,
                                 timeout=datetime.timedelta(seconds=rdzv.timeout_s),
                                 device_id=device if device.type == "cuda" else None)
     except (RuntimeError, TimeoutError) as e:  # DistStoreError, DistNetworkError, gloo's connect timeout
         raise ConnectionError(f"rank {rank} could not join the {rdzv.world_size} ranks at {rdzv.endpoint} within "
                               f"{rdzv.timeout_s:g} s ({one_line(e)}); {rdzv.check_hint()}") from e
-    _device = device
+    _device, _joined = device, rdzv
     return device
 
 
 def rank_device() -> torch.device:
     """The device this rank joined with (the CPU before `join_group`)."""
     return _device or torch.device("cpu")
+
+
+def job_hosts() -> list[str]:
+    """Every rank's host, by rank (a collective): its name and its address on the route to the master, which
+    tells apart network namespaces sharing one hostname. On one machine over loopback all are equal."""
+    master = _joined.master_addr if _joined else "127.0.0.1"
+    mine = f"{socket.gethostname()} ({local_address(master) or '?'})"
+    hosts: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(hosts, mine)
+    return hosts
+
+
+def ranks_per_host(hosts: list[str]) -> int | None:
+    """The ranks per host when `hosts` (by rank) is contiguous equal blocks, as torchrun and foe place
+    ranks; None when all ranks share one host. ValueError for another placement."""
+    n_hosts = len(set(hosts))
+    if n_hosts == 1:
+        return None
+    n = len(hosts) // n_hosts
+    if n * n_hosts != len(hosts) or any(hosts[i] != hosts[i - i % n] for i in range(len(hosts))):
+        raise ValueError(f"ranks are not placed in equal contiguous blocks per host: {hosts}")
+    return n
 
 
 def init_distributed(device: str = "cpu", timeout_s: float = 120.0) -> tuple[int, int]:
@@ -235,15 +262,13 @@ def run_ranks(fn: Callable[..., Any], job: int | Rendezvous, *args: Any, timeout
     rdzv = Rendezvous(nproc=job) if isinstance(job, int) else job
     if rdzv.torchrun:
         return _run_here(fn, rdzv, args)
-    rdzv = rdzv.with_port()
+    rdzv = replace(rdzv.with_port(), launcher_store=True)
+    store = host_store(rdzv) if rdzv.node_rank == 0 else connect_store(rdzv)
     threads = threads_per_rank or default_threads(rdzv.nproc)
     results = mp.get_context("spawn").Queue()
     ranks = LocalRanks(_run_rank, rdzv.local_ranks, (rdzv, fn, args, results, threads), rdzv)
-    store = None
     try:
-        if rdzv.nnodes > 1:
-            store = connect_store(rdzv)
-        return _collect(ranks, results, rdzv, store, timeout_s)
+        return _collect(ranks, results, rdzv, store if rdzv.nnodes > 1 else None, timeout_s)
     finally:
         ranks.join(timeout_s=10)
         ranks.kill()
@@ -273,6 +298,8 @@ def _collect(ranks: LocalRanks, results: Any, rdzv: Rendezvous, store: dist.TCPS
         try:
             rank, status, value = results.get(timeout=0.5)
         except queue.Empty:
+            if store is not None and not store_alive(store):
+                store = None  # node 0's launcher has gone; our ranks' collectives fail and say so
             if died := _died_silently(ranks, reported) or reported_death(store):
                 report_death(store, died)
                 raise RuntimeError(f"{died}; stopped the other ranks") from None
@@ -281,13 +308,23 @@ def _collect(ranks: LocalRanks, results: Any, rdzv: Rendezvous, store: dist.TCPS
             continue
         reported.add(rank)
         if status == "error":
-            # A peer that crashed makes the others fail in their next collective: name the crash first.
+            # A peer that crashed makes the others fail in their next collective: name the crash first,
+            # here or (reported by its node) on another host.
             time.sleep(0.5)
-            died = _died_silently(ranks, reported) or reported_death(store)
-            report_death(store, f"rank {rank}{where} failed: {value.strip().splitlines()[-1]}")
+            died = _died_silently(ranks, reported) or _wait_reported(store, 2.0)
+            report_death(store, died or f"rank {rank}{where} failed: {value.strip().splitlines()[-1]}")
             raise RuntimeError((f"{died}; then " if died else "") + f"rank {rank}{where} failed:\n{value}")
         done[rank] = value
     return done[rdzv.local_ranks[0]] if rdzv.node_rank == 0 else None
+
+
+def _wait_reported(store: dist.TCPStore | None, wait_s: float) -> str | None:
+    deadline = time.monotonic() + wait_s
+    while store is not None and time.monotonic() < deadline:
+        if died := reported_death(store):
+            return died
+        time.sleep(0.05)
+    return None
 
 
 def _died_silently(ranks: LocalRanks, reported: set[int]) -> str | None:

@@ -35,6 +35,10 @@ class Rendezvous:
     timeout_s: float = 60.0
     device: str = "cpu"  # cpu or cuda (each rank takes the GPU of its local rank); see foe.device
     torchrun: bool = False  # the ranks were started by torchrun, whose agent hosts the store (env:// init)
+    # Node 0's launcher process hosts the store and the ranks join as its clients (run_ranks), rather than
+    # rank 0 hosting it (foe serve, where rank 0 is the supervisor): the store then outlives any rank, and
+    # a death reported there can still be read after rank 0 has gone.
+    launcher_store: bool = False
 
     def __post_init__(self) -> None:
         if self.nproc < 1 or self.nnodes < 1:
@@ -149,6 +153,16 @@ def pick_gloo_interface(rdzv: Rendezvous) -> None:
         iface = interface_of(local_address(rdzv.master_addr) or "")
         if iface:
             os.environ["GLOO_SOCKET_IFNAME"] = iface
+
+
+def host_store(rdzv: Rendezvous) -> dist.TCPStore:
+    """The job's store, served from this process (node 0's launcher) on master_port of every interface."""
+    try:
+        return dist.TCPStore(rdzv.master_addr, rdzv.master_port, is_master=True, wait_for_workers=False,
+                             timeout=datetime.timedelta(seconds=rdzv.timeout_s))
+    except (RuntimeError, OSError) as e:
+        raise ConnectionError(f"cannot serve the rendezvous on port {rdzv.master_port} ({one_line(e)}); is "
+                              f"another job using it? Choose another --master-port") from e
 
 
 def connect_store(rdzv: Rendezvous) -> dist.TCPStore:
