@@ -51,6 +51,8 @@ class CompareConfig:
     seed: int = 0
     warmup: int = 2
     serve_args: tuple[str, ...] = field(default_factory=tuple)  # passed through to `foe serve`
+    device: str = "auto"  # foe serve's --device and --dtype, the same for both
+    dtype: str = "auto"
     ready_timeout_s: float = 300.0
 
     def __post_init__(self) -> None:
@@ -72,7 +74,8 @@ class CompareConfig:
         model = ["--checkpoint", ckpt] if ckpt else ["--preset", self.preset, "--arch", arch, "--seed", str(self.seed)]
         # One rank is the plain single-process model for both (the strategies differ only across ranks).
         strategy = "none" if self.nproc == 1 else self.moe_strategy if arch == "moe" else "gp"
-        return [*model, "--strategy", strategy, "--nproc", str(self.nproc), *self.serve_args]
+        return [*model, "--strategy", strategy, "--nproc", str(self.nproc), "--device", self.device,
+                "--dtype", self.dtype, *self.serve_args]
 
 
 def server_side_means(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:

@@ -8,7 +8,7 @@ import argparse
 import math
 
 from foe.bench.datasets import DEFAULT_LONGBENCH_OUTPUT_SCALE, DEFAULT_LONGBENCH_SCALE, LONGBENCH_TASKS
-from foe.cli.common import number_list
+from foe.cli.common import add_device_arg, add_dtype_arg, number_list
 
 
 _floats = number_list(float)
@@ -73,6 +73,8 @@ def register(commands: argparse._SubParsersAction, bench: argparse._SubParsersAc
     p.add_argument("--moe-strategy", choices=("ep", "tp"), default=None,
                    help="the MoE baseline's parallelism (default ep; tp with --engine vllm, whose ep crashes on the CPU)")
     p.add_argument("--nproc", type=int, default=2, help="ranks per server, the same for both (default 2)")
+    add_device_arg(p)
+    add_dtype_arg(p, auto="the checkpoints' stored dtype, float32 for random weights (foe serve's; --engine foe)")
     p.add_argument("--scales", type=_floats, default=(0.5, 0.75, 1.5),
                    help="the paper's arrival scales, s (default 0.5,0.75,1.5)")
     p.add_argument("--time-scale", type=float, default=1.0,
@@ -187,7 +189,7 @@ def compare(args: argparse.Namespace) -> int:
                         paper_scales_s=tuple(args.scales), time_scale=args.time_scale, num_prompts=args.num_prompts,
                         longbench_scale=args.longbench_scale, longbench_output_scale=args.longbench_output_scale,
                         prompt_format=args.prompt_format, burstiness=args.burstiness, seed=args.seed,
-                        warmup=args.warmup, serve_args=tuple(args.serve_arg))
+                        warmup=args.warmup, serve_args=tuple(args.serve_arg), device=args.device, dtype=args.dtype)
     if args.engine == "vllm":
         from foe.bench.serving_compare_vllm import run_compare_vllm
         result = run_compare_vllm(cfg, args.vllm_python, args.kv_cache_gib, tuple(args.vllm_arg),
