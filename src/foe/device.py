@@ -7,6 +7,9 @@ and over gloo on the CPU.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+
 import torch
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
@@ -44,3 +47,18 @@ def synchronize(device: torch.device | str) -> None:
     device = torch.device(device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def synced_clock(device: torch.device | str, clock: Callable[[], float] = time.perf_counter
+                 ) -> Callable[[], float]:
+    """`clock` made fit to time work on `device`: on CUDA each reading first waits for the queued work
+    (kernels and NCCL collectives return once enqueued), so `t0 = c(); work(); c() - t0` covers the work
+    and not the work queued before it. `clock` itself on the CPU."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return clock
+
+    def read() -> float:
+        torch.cuda.synchronize(device)
+        return clock()
+    return read

@@ -2,18 +2,23 @@
 all_reduce / all_to_all_single that record bytes and time in the rank's CommLedger.
 
 Works on gloo (CPU) and NCCL (GPU) alike; uneven all-to-all always exchanges counts first, because a
-split-size mismatch aborts the process under gloo instead of raising.
+split-size mismatch aborts the process under gloo instead of raising. A NCCL collective returns once it
+is enqueued, so while the ledger records, a CUDA collective is timed between two device synchronisations
+(`foe.device.synced_clock`): the time is the collective's, at the price of the overlap with compute that
+the accounted run gives up.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
+from foe.device import synced_clock
 from foe.parallel.accounting import CommLedger, CommRecord, ring_all_reduce_bytes
 from foe.parallel.mesh import ParallelDims
 
@@ -55,14 +60,19 @@ class Comm:
     def _spans_nodes(self, g: Group) -> bool:
         return len({self.dims.node_of(r) for r in g.ranks}) > 1
 
+    def _clock(self, x: torch.Tensor) -> Callable[[], float]:
+        """The clock for a collective on x: synchronised on CUDA while accounting, plain otherwise."""
+        return synced_clock(x.device) if self.ledger.enabled else time.perf_counter
+
     def all_reduce(self, x: torch.Tensor, group: str, layer: int, site: str) -> torch.Tensor:
         g = self.groups[group]
         if g.size == 1:
             return x
         x = x.contiguous()
-        t0 = time.perf_counter()
+        clock = self._clock(x)
+        t0 = clock()
         dist.all_reduce(x, group=g.pg)
-        dt = time.perf_counter() - t0
+        dt = clock() - t0
         nbytes = ring_all_reduce_bytes(x.numel() * x.element_size(), g.size)
         inter = self._spans_nodes(g)
         self.ledger.add(CommRecord("all_reduce", group, layer, site, 0 if inter else nbytes,
@@ -75,9 +85,10 @@ class Comm:
         g = self.groups[group]
         out = x.new_empty((sum(recv), *x.shape[1:]))
         row = math.prod(x.shape[1:]) * x.element_size()  # x.shape[1:] is the row
-        t0 = time.perf_counter()
+        clock = self._clock(x)
+        t0 = clock()
         dist.all_to_all_single(out, x.contiguous(), recv, send, group=g.pg)
-        dt = time.perf_counter() - t0
+        dt = clock() - t0
         me = self.dims.node_of(self.rank)
         intra = sum(n * row for r, n in zip(g.ranks, send) if r != self.rank and self.dims.node_of(r) == me)
         inter = sum(n * row for r, n in zip(g.ranks, send) if self.dims.node_of(r) != me)
