@@ -101,3 +101,39 @@ def test_router_losses_only_in_train_mode() -> None:
     assert inference.aux_loss == 0 and inference.z_loss == 0
     assert torch.equal(train.experts_GTA, inference.experts_GTA) and torch.equal(train.counts_E, inference.counts_E)
     torch.testing.assert_close(train.weights_GTA, inference.weights_GTA)
+
+
+def test_path_per_device_and_why_not_grouped() -> None:
+    """On the CPU, inference streams wherever oneDNN applies or batches are large, training takes the grouped
+    product; float64 (no torch._grouped_mm) goes expert by expert and says why."""
+    from foe.model.experts import STREAM_MIN_ROWS_PER_EXPERT
+    experts = make_ffn(1, 8, 2, "grouped_mm").experts
+    small, large = torch.randn(5, 32), torch.randn(8 * STREAM_MIN_ROWS_PER_EXPERT, 32)
+    assert experts.path(small) == ("grouped_mm", None)  # parameters require grad: training
+    with torch.no_grad():
+        assert experts.path(large) == ("streamed", None)
+        path, why = experts.double().path(large.double())
+        assert path == "streamed" and "float64" in why
+    assert experts.path(small.double())[0] == "loop"
+    assert make_ffn(1, 8, 2, "loop").experts.path(small) == ("loop", None)
+
+
+@pytest.mark.parametrize("d_model,hidden,dtype", [(30, 24, torch.float32), (32, 12, torch.bfloat16)])
+def test_sizes_grouped_mm_cannot_take_fall_back_and_equal_the_loop(d_model: int, hidden: int,
+                                                                    dtype: torch.dtype) -> None:
+    """torch._grouped_mm refuses row strides that are not multiples of 16 bytes (it raised here before):
+    such experts run expert by expert instead, with and without gradients."""
+    torch.manual_seed(0)
+    fast = GroupedExperts(4, d_model, hidden, 0.2, 0.2, "grouped_mm").to(dtype)
+    slow = GroupedExperts(4, d_model, hidden, 0.2, 0.2, "loop").to(dtype)
+    slow.load_state_dict(fast.state_dict())
+    counts = torch.tensor([3, 0, 5, 2])
+    x = torch.randn(10, d_model, dtype=dtype, requires_grad=True)
+    path, why = fast.path(x)
+    assert path == "loop" and "16-byte" in why
+    y = fast(x, counts)
+    assert torch.equal(y, slow(x, counts))
+    y.sum().backward()
+    assert fast.w13.grad is not None
+    with torch.no_grad():
+        assert torch.equal(fast(x, counts), slow(x, counts))

@@ -2,16 +2,25 @@
 
 No routing and no communication here (that is `ffn.py` and `foe.parallel`): the input is x_RD whose
 rows are grouped by expert, with counts_E rows per expert. Two implementations compute the same thing:
-`grouped_mm` (the fast path: one grouped matrix product per projection, or in inference one expert at
-a time written into the output: on the CPU wherever oneDNN on pre-packed weights applies
-(`packed_matmul.py`), elsewhere for large batches, whichever is faster for the shape) and `loop` (a Python
-loop over experts on contiguous slices; the readable reference the tests compare against).
+`grouped_mm` (the fast path) and `loop` (a Python loop over experts on contiguous slices; the readable
+reference the tests compare against). The fast path picks per device (`GroupedExperts.path`):
 
-torch._grouped_mm takes only float32, bf16 and fp16; in other dtypes (float64) the fast path computes
-every batch expert by expert (streamed without gradients, the loop with them).
+- CUDA: one `torch._grouped_mm` per projection, with or without gradients. In bf16 on sm90/sm100 (H100,
+  H200, B200) torch runs it as one CUTLASS kernel with no host sync; in float32 and fp16, or on other
+  GPUs, torch itself loops over the experts.
+- CPU: inference expert by expert written into the output (`_streamed`) wherever oneDNN on pre-packed
+  weights applies (`packed_matmul.py`) or batches are large, `torch._grouped_mm` otherwise (training,
+  small batches).
+
+torch._grouped_mm takes only float32, bf16 and fp16, with every row stride a multiple of 16 bytes
+(`grouped_mm_unsupported`); other experts (float64, odd sizes) are computed expert by expert instead
+(streamed without gradients, the loop with them), on CUDA with a warning that says why.
 """
 
 from __future__ import annotations
+
+import functools
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -20,10 +29,29 @@ from torch import nn
 from foe.model import packed_matmul
 
 EXPERT_IMPLS = ("grouped_mm", "loop")
-# The fast path computes inference batches with at least this many rows per expert on average
-# expert by expert (`_streamed`), and everything else (training, small batches) with `_grouped_mm`.
+# On the CPU the fast path computes inference batches with at least this many rows per expert on
+# average expert by expert (`_streamed`), and everything else (training, small batches) with `_grouped_mm`.
 STREAM_MIN_ROWS_PER_EXPERT = 128
 GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what torch._grouped_mm accepts
+
+
+def grouped_mm_unsupported(dtype: torch.dtype, d_model: int, hidden: int) -> str | None:
+    """Why torch._grouped_mm cannot multiply experts of this dtype and size (None: it can). Besides the
+    dtype, torch checks (on the CPU too, as of 2.13) that every operand's row stride is a multiple of 16
+    bytes, which the GPU's TMA loads need: here rows of d_model, 2 * hidden and hidden elements."""
+    if dtype not in GROUPED_MM_DTYPES:
+        return f"torch._grouped_mm has no {dtype} (only float32, bfloat16, float16)"
+    align = 16 // dtype.itemsize
+    if d_model % align or hidden % align:
+        return (f"torch._grouped_mm needs 16-byte row strides: d_model ({d_model}) and expert_hidden ({hidden}) "
+                f"must be multiples of {align} in {dtype}")
+    return None
+
+
+@functools.cache
+def _warn_fallback(reason: str) -> None:
+    """Once per reason: a GPU computing experts one by one is slow enough that the user should know."""
+    warnings.warn(f"foe: CUDA experts run expert by expert, not grouped: {reason}", stacklevel=3)
 
 
 class GroupedExperts(nn.Module):
@@ -40,17 +68,33 @@ class GroupedExperts(nn.Module):
     def num_experts(self) -> int:
         return self.w13.shape[0]
 
+    def path(self, x_RD: torch.Tensor) -> tuple[str, str | None]:
+        """How `forward` computes x_RD: ("grouped_mm" | "streamed" | "loop", why not grouped_mm, or None
+        when that is the device's choice rather than a limitation)."""
+        if self.impl == "loop":
+            return "loop", None
+        grad = torch.is_grad_enabled() and (x_RD.requires_grad or self.w13.requires_grad)
+        blocker = grouped_mm_unsupported(x_RD.dtype, self.w13.shape[1], self.w2.shape[1])
+        if blocker is not None:
+            return ("loop" if grad else "streamed"), blocker
+        # CPU inference only: oneDNN on weights packed per expert, or cache-friendly streaming of large
+        # batches. On CUDA streaming would read the counts on the host and launch per expert, where the
+        # grouped product is one launch (bf16 on sm90+) with no host sync.
+        if not grad and x_RD.device.type == "cpu" and (
+                packed_matmul.applies(x_RD, self.w13)
+                or x_RD.shape[0] >= STREAM_MIN_ROWS_PER_EXPERT * self.num_experts):
+            return "streamed", None
+        return "grouped_mm", None
+
     def forward(self, x_RD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         if x_RD.shape[0] == 0:
             return x_RD.new_zeros(0, self.w2.shape[2])
-        if self.impl == "loop":
+        path, blocker = self.path(x_RD)
+        if blocker is not None and x_RD.is_cuda:
+            _warn_fallback(blocker)
+        if path == "loop":
             return self._loop(x_RD, counts_E)
-        grad = torch.is_grad_enabled() and (x_RD.requires_grad or self.w13.requires_grad)
-        grouped = x_RD.dtype in GROUPED_MM_DTYPES
-        if grad and not grouped:
-            return self._loop(x_RD, counts_E)
-        if not grad and (not grouped or packed_matmul.applies(x_RD, self.w13)  # packed per expert: see _streamed
-                         or x_RD.shape[0] >= STREAM_MIN_ROWS_PER_EXPERT * self.num_experts):
+        if path == "streamed":
             return self._streamed(x_RD, counts_E)
         offs = torch.cumsum(counts_E, 0).to(torch.int32)
         h = torch._grouped_mm(x_RD, self.w13.to(x_RD.dtype), offs=offs)
