@@ -154,3 +154,17 @@ def test_a_step_moves_to_a_device_whole() -> None:
     tensors = [v for v in vars(step).values() if isinstance(v, torch.Tensor)]
     tensors += [t for r in step.context_rows for t in (r.blocks, r.mask) if t is not None]
     assert len(tensors) >= 10 and all(t.device.type == "meta" for t in tensors)
+
+
+def test_the_native_kernel_is_for_cpu_tensors_only() -> None:
+    """A model off the CPU (meta here, CUDA in use) takes the torch path; asking for the kernel there, or
+    handing it such tensors, is an error, not a crash in C++."""
+    model = build(tiny("moe")).to("meta")
+    assert not ModelRunner(model, num_blocks=4, block_size=BS).paged_kernel
+    with pytest.raises(ValueError, match="CPU only"):
+        ModelRunner(model, num_blocks=4, block_size=BS, paged_kernel=True)
+    if kernels.decode_kernel_available(torch.device("cpu")):
+        meta = torch.zeros(4, 1, 16, 16, device="meta")
+        with pytest.raises(ValueError, match="CPU kernel"):
+            kernels.paged_decode_attention(torch.zeros(1, 2, 16, device="meta"), meta, meta,
+                                           torch.tensor([[0]]), torch.tensor([3]))

@@ -164,13 +164,15 @@ class LLMEngine:
             return
         pos = pos[keep]
         targets = torch.tensor(seq.prompt_ids)[pos + 1]
-        seq.prompt_logprobs.extend(self._logprobs(logits_NV[keep], targets, seq.params.prompt_logprobs or 0))
+        seq.prompt_logprobs.extend(self._logprobs(logits_NV[keep.to(logits_NV.device)], targets,
+                                                  seq.params.prompt_logprobs or 0))
 
     @staticmethod
     def _logprobs(logits_NV: torch.Tensor, ids_N: torch.Tensor, top_n: int) -> list[TokenLogprob]:
         chosen, top_v, top_i = token_logprobs(logits_NV, ids_N, top_n)
-        return [TokenLogprob(int(t), float(c), list(zip(ti.tolist(), tv.tolist())))
-                for t, c, tv, ti in zip(ids_N.tolist(), chosen.tolist(), top_v, top_i)]
+        # whole tensors to lists: one device-to-host copy each, not one per row
+        return [TokenLogprob(int(t), float(c), list(zip(ti, tv)))
+                for t, c, tv, ti in zip(ids_N.tolist(), chosen.tolist(), top_v.tolist(), top_i.tolist())]
 
     def _sample(self, items: list[tuple[Sequence, torch.Tensor]], outs: dict[int, RequestOutput]) -> None:
         seqs = [s for s, _ in items]

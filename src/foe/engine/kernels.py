@@ -4,6 +4,7 @@ and ninja; the build takes ~30 s once and is cached in torch's extensions direct
 `paged_decode_attention` reads a decode batch's keys and values straight from the paged pool, where
 the torch path must first gather them into a dense copy (`paged_attention.py`). Where the kernel
 cannot be built (no compiler), or FOE_PAGED_KERNEL=0, the torch path is used: same results, slower.
+The kernel reads CPU memory only; a pool on CUDA always takes the torch path (`decode_kernel_available`).
 """
 
 from __future__ import annotations
@@ -66,4 +67,7 @@ def paged_decode_attention(q_DNK: torch.Tensor, k_pool: torch.Tensor, v_pool: to
     reads KV head n // (N / M)."""
     ext = _extension()
     assert ext is not None, "check decode_kernel_available first"
+    # The C++ reads the tables and pools through host pointers: a CUDA tensor would crash it, not raise.
+    if q_DNK.device.type != "cpu" or k_pool.device.type != "cpu":
+        raise ValueError(f"paged_decode_attention is a CPU kernel; got tensors on {q_DNK.device}")
     return ext.paged_decode_attention(q_DNK, k_pool, v_pool, table_DW, lens_D, q_DNK.shape[-1] ** -0.5)

@@ -22,12 +22,17 @@ from foe.model.transformer import Transformer
 class ModelRunner:
     def __init__(self, model: Transformer, num_blocks: int, block_size: int, paged_kernel: bool | None = None
                  ) -> None:
-        """paged_kernel: decode attention by the native kernel (True), by gather + SDPA (False), or the
-        kernel where it can be built (None; built here, once, so no request waits for the compiler)."""
+        """paged_kernel: decode attention by the native kernel (True; CPU only), by gather + SDPA (False), or
+        the kernel where it runs (None: on the CPU when it can be built, here, once, so no request waits for
+        the compiler; the torch path on CUDA). The pool, and so every step, lives on the model's device."""
         self.model = model
         self.pool = KVPool.for_model(model, num_blocks, block_size)
+        device = self.pool.k.device
         if paged_kernel is None:
-            paged_kernel = kernels.decode_kernel_available(self.pool.k.device)
+            paged_kernel = kernels.decode_kernel_available(device)
+        elif paged_kernel and not kernels.decode_kernel_available(device):
+            raise ValueError(f"the native paged-attention kernel runs on the CPU only (and only where it could be "
+                             f"built); this model is on {device}: use paged_kernel=None or False")
         self.paged_kernel = paged_kernel
 
     @property

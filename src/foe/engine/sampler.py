@@ -94,7 +94,7 @@ def token_logprobs(logits_NV: torch.Tensor, token_ids_N: torch.Tensor, top_n: in
     """Raw model log-probabilities (no temperature or filtering) of the given tokens, plus the top_n
     alternatives of each row: (chosen_N, top_logprobs_Nn, top_ids_Nn)."""
     lp = upcast(logits_NV).log_softmax(-1)
-    chosen = lp.gather(1, token_ids_N.view(-1, 1)).squeeze(1)
+    chosen = lp.gather(1, token_ids_N.to(lp.device).view(-1, 1)).squeeze(1)  # ids may come from the host
     top = torch.topk(lp, top_n, dim=-1) if top_n > 0 else None
     empty = lp.new_zeros(lp.shape[0], 0)
     return chosen, (top.values if top else empty), (top.indices if top else empty.long())
