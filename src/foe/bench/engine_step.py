@@ -5,13 +5,15 @@ Three measurements in one run, on one model with random weights:
   sampled at temperature 1), split into schedule, model (the runner: packing + forward) and the rest
   (sampling, stop checks, outputs);
 - runner: the same decode batch, and a mixed batch (the decodes plus one fresh prompt chunk of `chunk`
-  tokens), through the paged pool with the native decode kernel and with the torch path (gather +
-  SDPA), beside the same decode forward over a dense contiguous cache (`DenseKVCache`, no paging).
-  Paging overhead = paged step / dense step - 1;
-- profile: torch.profiler's top operators of a decode and a mixed step (kernel path).
+  tokens), through the paged pool with the native decode kernel (CPU only) and with the torch path
+  (gather + SDPA), beside the same decode forward over a dense contiguous cache (`DenseKVCache`, no
+  paging). Paging overhead = paged step / dense step - 1;
+- profile: torch.profiler's top operators of a decode and a mixed step (the runner's default path;
+  on CUDA by the GPU's time).
 
 Variants are interleaved, best-of-`repeats` counts (a shared machine slows some calls, never speeds
-any up). `clock="cpu"` with one thread times the thread's CPU time instead of elapsed time.
+any up). `clock="cpu"` with one thread times the thread's CPU time instead of elapsed time. On
+`device="cuda"` every clock reading first waits for the GPU (`foe.device.synced_clock`).
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from torch.profiler import ProfilerActivity, profile
 
 from foe.config import ModelConfig
 from foe.bench.model_latency import CLOCKS
+from foe.device import resolve_device, synced_clock
+from foe.engine import kernels
 from foe.engine.engine import LLMEngine
 from foe.engine.request import RequestParams, RowPlan
 from foe.engine.runner import ModelRunner
@@ -50,6 +54,7 @@ class StepBenchConfig:
     clock: str = "wall"
     seed: int = 0
     profile_rows: int = 12
+    device: str = "cpu"  # cpu or cuda (foe.device)
 
     def __post_init__(self) -> None:
         for name in ("batch", "context", "chunk", "block_size", "repeats"):
@@ -59,6 +64,13 @@ class StepBenchConfig:
             raise ValueError(f"clock must be one of {tuple(CLOCKS)}, got {self.clock!r}")
         if self.clock == "cpu" and self.threads != 1:
             raise ValueError("clock 'cpu' measures one thread's CPU time: it needs threads=1")
+        if self.torch_device.type == "cuda" and self.clock == "cpu":  # resolving raises for cuda without a GPU
+            raise ValueError("clock 'cpu' counts this thread's CPU time, not the GPU's work: use the wall clock "
+                             "on cuda")
+
+    @property
+    def torch_device(self) -> torch.device:
+        return resolve_device(self.device)  # ValueError for cuda without a GPU
 
 
 def _best(calls: dict[str, Callable[[], Any]], repeats: int, clock: Callable[[], float]) -> dict[str, float]:
@@ -94,27 +106,30 @@ def step_rows(cfg: StepBenchConfig, vocab: int) -> tuple[list[RowPlan], list[Row
 
 
 def time_runner(model: Transformer, cfg: StepBenchConfig, clock: Callable[[], float]) -> dict[str, float]:
+    """Best ms of each runner variant; the kernel's only where it runs (on the CPU, once built)."""
     decode, mixed, num_blocks = step_rows(cfg, model.cfg.vocab_size)
-    kernel = ModelRunner(model, num_blocks, cfg.block_size, paged_kernel=True)
-    torch_path = ModelRunner(model, num_blocks, cfg.block_size, paged_kernel=False)
-    for r in (kernel, torch_path):  # random context in the pool, as the prefill would have left it
+    device = model.embed.weight.device
+    paths = ("kernel", "torch") if kernels.decode_kernel_available(device) else ("torch",)
+    runners = {path: ModelRunner(model, num_blocks, cfg.block_size, paged_kernel=path == "kernel") for path in paths}
+    for r in runners.values():  # random context in the pool, as the prefill would have left it
         r.pool.k.normal_()
         r.pool.v.normal_()
     dense = model.new_cache(cfg.batch, cfg.context + 1)
     dense.k.normal_()
     dense.v.normal_()
-    ids = torch.tensor([[r.token_ids[0]] for r in decode])
-    pos = torch.full((cfg.batch, 1), cfg.context)
+    ids = torch.tensor([[r.token_ids[0]] for r in decode], device=device)
+    pos = torch.full((cfg.batch, 1), cfg.context, device=device)
+    rows = torch.arange(cfg.batch, device=device)
 
     @torch.inference_mode()
     def dense_decode() -> None:
-        model(ids, pos_BL=pos, cache=dense, logits_at=torch.arange(cfg.batch))
+        model(ids, pos_BL=pos, cache=dense, logits_at=rows)
 
-    return _best({"decode kernel": lambda: kernel.execute(decode),
-                  "decode torch": lambda: torch_path.execute(decode),
-                  "decode dense": dense_decode,
-                  "mixed kernel": lambda: kernel.execute(mixed),
-                  "mixed torch": lambda: torch_path.execute(mixed)}, cfg.repeats, clock)
+    calls: dict[str, Callable[[], Any]] = {"decode dense": dense_decode}
+    for path, r in runners.items():
+        calls[f"decode {path}"] = lambda r=r: r.execute(decode)
+        calls[f"mixed {path}"] = lambda r=r: r.execute(mixed)
+    return _best(calls, cfg.repeats, clock)
 
 
 class _Timed:
@@ -159,16 +174,20 @@ def time_engine_step(model: Transformer, cfg: StepBenchConfig, clock: Callable[[
 
 
 def profile_runner(model: Transformer, cfg: StepBenchConfig) -> dict[str, str]:
-    """torch.profiler tables (top operators by self CPU time) of a decode and a mixed step."""
+    """torch.profiler tables of a decode and a mixed step: top operators by self CPU time, or on CUDA by
+    self GPU time (the CPU time of a GPU step is mostly launching kernels)."""
     decode, mixed, num_blocks = step_rows(cfg, model.cfg.vocab_size)
     runner = ModelRunner(model, num_blocks, cfg.block_size)
+    cuda = runner.pool.k.is_cuda
+    activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
     tables = {}
     for name, rows in (("decode", decode), ("mixed", mixed)):
         runner.execute(rows)
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
+        with profile(activities=activities) as prof:
             for _ in range(5):
                 runner.execute(rows)
-        tables[name] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=cfg.profile_rows)
+        tables[name] = prof.key_averages().table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total",
+                                                 row_limit=cfg.profile_rows)
     return tables
 
 
@@ -180,17 +199,18 @@ def run_step_bench(cfg: StepBenchConfig, log: Callable[[str], None] = print) -> 
     if cfg.context + cfg.repeats + 3 > mcfg.max_seq_len or cfg.chunk > mcfg.max_seq_len:
         raise ValueError(f"context {cfg.context} (+ {cfg.repeats + 3} decodes) or chunk {cfg.chunk} exceeds the "
                          f"{cfg.preset} preset's {mcfg.max_seq_len} positions")
-    model = Transformer(mcfg).to(getattr(torch, cfg.dtype)).eval()
-    clock = CLOCKS[cfg.clock]
-    log(f"{cfg.arch} {cfg.preset} {cfg.dtype}: {cfg.batch} sequences at {cfg.context} tokens, {torch.get_num_threads()} "
-        f"thread(s), {cfg.clock} clock, best of {cfg.repeats}")
+    model = Transformer(mcfg).to(cfg.torch_device, getattr(torch, cfg.dtype)).eval()
+    clock = synced_clock(cfg.torch_device, CLOCKS[cfg.clock])
+    log(f"{cfg.arch} {cfg.preset} {cfg.dtype} on {cfg.torch_device.type}: {cfg.batch} sequences at {cfg.context} "
+        f"tokens, {torch.get_num_threads()} thread(s), {cfg.clock} clock, best of {cfg.repeats}")
     log("timing the runner (decode and mixed steps; kernel, torch path, dense cache) ...")
     runner = time_runner(model, cfg, clock)
     log("timing engine steps ...")
     engine = time_engine_step(model, cfg, clock)
     log("profiling ...")
     tables = profile_runner(model, cfg)
-    overhead = {path: runner[f"decode {path}"] / runner["decode dense"] - 1 for path in ("kernel", "torch")}
+    overhead = {path: runner[f"decode {path}"] / runner["decode dense"] - 1 for path in ("kernel", "torch")
+                if f"decode {path}" in runner}
     return dict(config=asdict(cfg), runner_ms=runner, engine_step_ms=engine, paging_overhead=overhead,
                 profiles=tables)
 
@@ -198,13 +218,18 @@ def run_step_bench(cfg: StepBenchConfig, log: Callable[[str], None] = print) -> 
 def format_report(res: dict[str, Any]) -> str:
     r, e, o = res["runner_ms"], res["engine_step_ms"], res["paging_overhead"]
     c = res["config"]
+
+    def ms(key: str) -> str:  # "-" where a variant does not exist (no kernel on CUDA; no dense mixed step)
+        return f"{r[key]:8.2f}" if key in r else f"{'-':>8}"
+
     lines = [f"runner, one forward (ms): {c['batch']} decodes at {c['context']} tokens; mixed = + a {c['chunk']}-token prompt",
              f"  {'':8} {'kernel':>8} {'torch':>8} {'dense':>8}",
-             f"  {'decode':8} {r['decode kernel']:8.2f} {r['decode torch']:8.2f} {r['decode dense']:8.2f}",
-             f"  {'mixed':8} {r['mixed kernel']:8.2f} {r['mixed torch']:8.2f} {'-':>8}",
-             f"paging overhead vs the dense cache (decode): kernel {o['kernel']:+.1%}, torch path {o['torch']:+.1%}",
+             f"  {'decode':8} {ms('decode kernel')} {ms('decode torch')} {ms('decode dense')}",
+             f"  {'mixed':8} {ms('mixed kernel')} {ms('mixed torch')} {ms('mixed dense')}",
+             "paging overhead vs the dense cache (decode): "
+             + ", ".join(f"{'torch path' if p == 'torch' else p} {v:+.1%}" for p, v in o.items()),
              f"engine step, {c['batch']} decoding ({'greedy' if not c['temperature'] else 'temperature ' + str(c['temperature'])}), "
              f"ms per step: " + ", ".join(f"{k} {v:.2f}" for k, v in e.items())]
     for name, table in res["profiles"].items():
-        lines += [f"\nprofile of a {name} step (5 calls, kernel path):", table]
+        lines += [f"\nprofile of a {name} step (5 calls, the runner's default path):", table]
     return "\n".join(lines)

@@ -8,18 +8,20 @@
 Each mode runs `repeats` times, interleaved, and its best time counts (the machine may be shared).
 Throughput counts the tokens each request asked for (prompt and output lengths are drawn at random;
 EOS is ignored so every request generates exactly its length). Prints a table and the ratios; returns
-a JSON-able dict. Single process; no server, no HTTP.
+a JSON-able dict. Single process, on the model's device (timed with `foe.device.synced_clock`); no
+server, no HTTP.
 """
 
 from __future__ import annotations
 
 import random
-import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 
+from foe.device import synced_clock
 from foe.engine.engine import LLMEngine
 from foe.engine.request import RequestParams
 from foe.engine.scheduler import SchedulerConfig
@@ -57,31 +59,38 @@ def _params(n: int) -> RequestParams:
     return RequestParams(max_tokens=n, ignore_eos=True)
 
 
+def _clock(model: Transformer) -> Callable[[], float]:
+    return synced_clock(model.embed.weight.device)
+
+
 def run_continuous(model: Transformer, sched: SchedulerConfig, reqs: list[tuple[list[int], int]]) -> dict[str, float]:
     engine = LLMEngine.from_model(model, sched)
-    t0 = time.perf_counter()
+    clock = _clock(model)
+    t0 = clock()
     seqs = [engine.add_request(p, _params(n)) for p, n in reqs]
     while engine.has_unfinished:
         engine.step()
-    dt = time.perf_counter() - t0
+    dt = clock() - t0
     assert all(len(s.output_ids) == n for s, (_, n) in zip(seqs, reqs))
     return {"seconds": dt, "steps": engine.num_steps, "preemptions": engine.scheduler.num_preemptions}
 
 
 def run_sequential(model: Transformer, sched: SchedulerConfig, reqs: list[tuple[list[int], int]]) -> dict[str, float]:
     engine = LLMEngine.from_model(model, sched)
-    t0 = time.perf_counter()
+    clock = _clock(model)
+    t0 = clock()
     for p, n in reqs:
         engine.generate([p], _params(n))
-    return {"seconds": time.perf_counter() - t0, "steps": engine.num_steps}
+    return {"seconds": clock() - t0, "steps": engine.num_steps}
 
 
 def run_static(model: Transformer, batch: int, reqs: list[tuple[list[int], int]]) -> dict[str, float]:
-    t0 = time.perf_counter()
+    clock = _clock(model)
+    t0 = clock()
     for i in range(0, len(reqs), batch):
         group = reqs[i:i + batch]
         generate(model, [p for p, _ in group], max(n for _, n in group))  # rows run to the longest
-    return {"seconds": time.perf_counter() - t0}
+    return {"seconds": clock() - t0}
 
 
 def run_engine_bench(model: Transformer, sched: SchedulerConfig, cfg: EngineBenchConfig) -> dict[str, Any]:
@@ -106,7 +115,7 @@ def run_engine_bench(model: Transformer, sched: SchedulerConfig, cfg: EngineBenc
         r["total_tokens_per_s"] = (out_tokens + prompt_tokens) / r["seconds"]
     c = results["continuous"]["output_tokens_per_s"]
     return {"config": {**asdict(cfg), "scheduler": asdict(sched), "model": model.cfg.to_dict(),
-                       "threads": torch.get_num_threads()},
+                       "threads": torch.get_num_threads(), "device": str(model.embed.weight.device)},
             "prompt_tokens": prompt_tokens, "output_tokens": out_tokens, "results": results,
             "ratios": {"continuous_vs_sequential": c / results["sequential"]["output_tokens_per_s"],
                        "continuous_vs_static": c / results["static"]["output_tokens_per_s"]}}

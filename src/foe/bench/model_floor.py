@@ -53,16 +53,17 @@ def _median_seconds(fn: Callable[[], object], repeats: int, clock: Callable[[], 
 
 
 def measure_machine(repeats: int = 5, matmul_size: int = 2048, copy_mib: int = 256,
-                    clock: Callable[[], float] = time.perf_counter, dtype: torch.dtype = torch.float32
-                    ) -> MachineRates:
-    """Measure the matmul GFLOP/s in `dtype` and copy GB/s now, with torch's current thread count. `clock`
-    is the timer (`time.thread_time` gives CPU time, which a busy machine inflates less, for 1 thread)."""
+                    clock: Callable[[], float] = time.perf_counter, dtype: torch.dtype = torch.float32,
+                    device: torch.device | str = "cpu") -> MachineRates:
+    """Measure the matmul GFLOP/s in `dtype` and copy GB/s now on `device` (the CPU with torch's current
+    thread count, or a GPU's memory). `clock` is the timer (`time.thread_time` gives CPU time, which a busy
+    machine inflates less, for 1 thread); on CUDA it must synchronise (`foe.device.synced_clock`)."""
     if repeats < 1 or matmul_size < 1 or copy_mib < 1:
         raise ValueError("repeats, matmul_size and copy_mib must be positive")
     n = matmul_size
-    a, b, c = (torch.randn(n, n, dtype=dtype) for _ in range(3))
+    a, b, c = (torch.randn(n, n, dtype=dtype, device=device) for _ in range(3))
     mm_s = _median_seconds(lambda: torch.mm(a, b, out=c), repeats, clock)
-    src = torch.randn(copy_mib * 2**20 // 4)
+    src = torch.randn(copy_mib * 2**20 // 4, device=device)
     dst = torch.empty_like(src)
     copy_s = _median_seconds(lambda: dst.copy_(src), repeats, clock)
     return MachineRates(matmul_gflops=2 * n**3 / mm_s / 1e9, copy_gbps=2 * src.numel() * 4 / copy_s / 1e9,

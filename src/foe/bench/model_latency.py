@@ -20,7 +20,9 @@ shared machine, `clock="cpu"` with one thread times this thread's CPU time inste
 for the model and the machine rates alike. `clock="auto"` (the default) picks "wall" with torch's
 threads on a quiet machine and "cpu" with one thread when the load average is already near the core
 count (several torch threads then mostly wait for each other); the JSON records the choice and the
-load average before and after.
+load average before and after. On `device="cuda"` the models, inputs, KV caches and the floor's matmul and
+copy run on the GPU, every reading of the (wall) clock waits for the GPU first (`foe.device.synced_clock`),
+and the floor is the GPU's measured rates.
 
 It does not measure distributed execution (`foe bench forward` does) or serving (`foe bench serve`).
 """
@@ -40,6 +42,7 @@ import torch
 from foe.bench.model_floor import ForwardWork, MachineRates, ffn_work, forward_work, measure_machine
 from foe.bench.model_naive import NaiveSparseMoE, naive_feed_forwards
 from foe.config import ModelConfig
+from foe.device import resolve_device, synced_clock
 from foe.model import DenseKVCache, ModelOutput, Transformer
 from foe.model.precision import dtype_named
 
@@ -64,6 +67,7 @@ class ModelBenchConfig:
     max_prefill_tokens: int = 8192  # prefill shapes with B * L above this are skipped (they take long)
     clock: str = "auto"  # wall: elapsed time; cpu: this thread's CPU time (needs threads=1); auto: see below
     dtype: str = "float32"  # of weights, activations and KV cache, and of the floor's matmul (foe.model.precision)
+    device: str = "cpu"  # cpu or cuda (foe.device): where models, inputs and the floor's measurements run
 
     def __post_init__(self) -> None:
         if not self.batch_sizes or min(self.batch_sizes) < 1:
@@ -82,6 +86,9 @@ class ModelBenchConfig:
             raise ValueError(f"clock must be one of {(*CLOCKS, 'auto')}, got {self.clock!r}")
         if self.clock == "cpu" and self.threads != 1:
             raise ValueError("clock 'cpu' measures one thread's CPU time: it needs threads=1")
+        if self.torch_device.type == "cuda" and self.clock == "cpu":  # resolving raises for cuda without a GPU
+            raise ValueError("clock 'cpu' counts this thread's CPU time, not the GPU's work: use the wall clock "
+                             "on cuda")
         self.torch_dtype  # raises for an unknown dtype
         cfg = ModelConfig.from_preset(self.preset)  # raises for an unknown preset
         if max(self.seq_lens) + 1 > cfg.max_seq_len:
@@ -91,6 +98,14 @@ class ModelBenchConfig:
     @property
     def torch_dtype(self) -> torch.dtype:
         return dtype_named(self.dtype)
+
+    @property
+    def torch_device(self) -> torch.device:
+        return resolve_device(self.device)  # ValueError for cuda without a GPU
+
+    def timer(self) -> Callable[[], float]:
+        """The clock of `clock`, synchronising with the device on CUDA."""
+        return synced_clock(self.torch_device, CLOCKS[self.clock])
 
 
 @dataclass
@@ -153,34 +168,38 @@ def build_models(bench: ModelBenchConfig) -> dict[str, Transformer]:
     models = {}
     for arch in ("moe", "foe"):
         torch.manual_seed(bench.seed)
-        models[arch] = Transformer(ModelConfig.from_preset(bench.preset, arch=arch)).to(bench.torch_dtype).eval()
+        models[arch] = Transformer(ModelConfig.from_preset(bench.preset, arch=arch)).to(
+            bench.torch_device, bench.torch_dtype).eval()
     return models
 
 
 def _call(model: Transformer, phase: str, ids_BL: torch.Tensor, cache: DenseKVCache) -> ModelOutput:
     B, L = ids_BL.shape
+    rows = torch.arange(B, device=ids_BL.device)
     if phase == "prefill":
-        return model(ids_BL, cache=cache, logits_at=torch.arange(B) * L + (L - 1))
-    return model(ids_BL, pos_BL=torch.full((B, 1), cache.max_len - 1), cache=cache, logits_at=torch.arange(B))
+        return model(ids_BL, cache=cache, logits_at=rows * L + (L - 1))
+    return model(ids_BL, pos_BL=torch.full((B, 1), cache.max_len - 1, device=ids_BL.device), cache=cache,
+                 logits_at=rows)
 
 
 def _shape_inputs(model: Transformer, phase: str, B: int, L: int, gen: torch.Generator
                   ) -> tuple[torch.Tensor, DenseKVCache]:
-    """Token ids and a KV cache for one shape. Decode's cache holds L random keys/values (the values
-    do not change the cost) and room for the new token, which every timed call rewrites in place."""
+    """Token ids and a KV cache for one shape, on the model's device (`gen`'s). Decode's cache holds L
+    random keys/values (the values do not change the cost) and room for the new token, which every timed
+    call rewrites in place."""
     V = model.cfg.vocab_size
     if phase == "prefill":
-        return torch.randint(0, V, (B, L), generator=gen), model.new_cache(B, L)
+        return torch.randint(0, V, (B, L), generator=gen, device=gen.device), model.new_cache(B, L)
     cache = model.new_cache(B, L + 1)
     cache.k.normal_(generator=gen)
     cache.v.normal_(generator=gen)
-    return torch.randint(0, V, (B, 1), generator=gen), cache
+    return torch.randint(0, V, (B, 1), generator=gen, device=gen.device), cache
 
 
 def time_shape(models: dict[str, Transformer], phase: str, B: int, L: int, bench: ModelBenchConfig
                ) -> tuple[dict[str, Timing], dict[str, int]]:
     """Interleaved timings of every variant at one shape, and experts hit per arch (from its output)."""
-    gen = torch.Generator().manual_seed(bench.seed + 7919 * B + L)
+    gen = torch.Generator(bench.torch_device).manual_seed(bench.seed + 7919 * B + L)
     calls: dict[str, Callable[[], ModelOutput]] = {}
     for arch in ("moe", "foe"):
         ids, cache = _shape_inputs(models[arch], phase, B, L, gen)
@@ -200,15 +219,15 @@ def time_feed_forward(models: dict[str, Transformer], tokens: int, bench: ModelB
                       ) -> tuple[dict[str, Timing], dict[str, int]]:
     """Interleaved timings of layer 0's feed-forward of each model (and the naive loop over the MoE
     layer's weights) on `tokens` random hidden states per group, and experts hit per arch."""
-    gen = torch.Generator().manual_seed(bench.seed + 104729 * tokens)
+    gen = torch.Generator(bench.torch_device).manual_seed(bench.seed + 104729 * tokens)
     calls: dict[str, Callable[[], tuple]] = {}
     for arch in ("moe", "foe"):
         cfg = models[arch].cfg
-        x = torch.randn(cfg.num_groups, tokens, cfg.d_model, generator=gen).to(bench.torch_dtype)
+        x = torch.randn(cfg.num_groups, tokens, cfg.d_model, generator=gen, device=gen.device).to(bench.torch_dtype)
         calls[arch] = lambda f=models[arch].layers[0].ffn, x=x: f(x)
     if bench.naive:
         cfg = models["moe"].cfg
-        x = torch.randn(1, tokens, cfg.d_model, generator=gen).to(bench.torch_dtype)
+        x = torch.randn(1, tokens, cfg.d_model, generator=gen, device=gen.device).to(bench.torch_dtype)
         calls["naive"] = lambda f=NaiveSparseMoE(models["moe"].layers[0].ffn), x=x: f(x)
     timings, outs = _interleaved(calls, bench)
     return timings, {arch: int((outs[arch][1].counts_E > 0).sum()) for arch in models}
@@ -223,7 +242,7 @@ def _interleaved(calls: dict[str, Callable[[], Any]], bench: ModelBenchConfig
             outs[name] = fn()
             for _ in range(bench.warmup - 1):
                 fn()
-        clock = CLOCKS[bench.clock]
+        clock = bench.timer()
         samples: dict[str, list[float]] = {name: [] for name in calls}
         for _ in range(bench.repeats):
             for name, fn in calls.items():
@@ -237,7 +256,9 @@ def run_model_bench(bench: ModelBenchConfig, log: Callable[[str], None] = print)
     """Run the sweep; returns a JSON-able dict (machine, settings, rows, targets)."""
     threads = torch.get_num_threads()
     if bench.clock == "auto":
-        busy = os.getloadavg()[0] > _cores() - 0.5 and bench.threads in (None, 1)
+        # the CPU's load average says nothing about a GPU's work, which only the wall clock sees
+        busy = (os.getloadavg()[0] > _cores() - 0.5 and bench.threads in (None, 1)
+                and bench.torch_device.type == "cpu")
         bench = replace(bench, clock="cpu" if busy else "wall", threads=1 if busy else bench.threads)
         if busy:
             log(f"machine busy (load average {os.getloadavg()[0]:.1f} on {_cores()} cores): timing one "
@@ -267,7 +288,7 @@ def _run(bench: ModelBenchConfig, log: Callable[[str], None]) -> dict:
         # which wait for each other) then measure the machine's load more than the model.
         log(f"warning: load average {load_before[0]:.1f} on {_cores()} cores; wall-clock timings will be "
             f"unreliable. On a shared machine use --clock cpu --threads 1.")
-    rates_before = measure_machine(clock=CLOCKS[bench.clock], dtype=bench.torch_dtype)
+    rates_before = measure_machine(clock=bench.timer(), dtype=bench.torch_dtype, device=bench.torch_device)
     rows: list[Row] = []
     works: list[dict[str, ForwardWork]] = []
     for phase, L, B in shapes:
@@ -290,7 +311,7 @@ def _run(bench: ModelBenchConfig, log: Callable[[str], None]) -> dict:
             ffn_rows.append(FeedForwardRow(T, timings, {}))
             log(f"  ffn     T={T:<5d}        " + "  ".join(
                 f"{k} {v.median_ms:8.2f} ms" for k, v in timings.items()))
-    rates_after = measure_machine(clock=CLOCKS[bench.clock], dtype=bench.torch_dtype)
+    rates_after = measure_machine(clock=bench.timer(), dtype=bench.torch_dtype, device=bench.torch_device)
     rates = MachineRates(max(rates_before.matmul_gflops, rates_after.matmul_gflops),
                          max(rates_before.copy_gbps, rates_after.copy_gbps), rates_before.threads,
                          rates_before.matmul_size, rates_before.copy_mib)
@@ -304,6 +325,7 @@ def _run(bench: ModelBenchConfig, log: Callable[[str], None]) -> dict:
         "params": {a: m.num_params() for a, m in models.items()},
         "machine": {"rates": asdict(rates), "rates_before": asdict(rates_before),
                     "rates_after": asdict(rates_after), "cpu": _cpu_name(), "cores": _cores(),
+                    "device": _device_name(bench.torch_device),
                     "torch": torch.__version__, "python": platform.python_version(),
                     "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
                     "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_")},  # foe.malloc
@@ -353,6 +375,10 @@ def _cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
 def _cores() -> int:

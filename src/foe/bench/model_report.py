@@ -18,9 +18,11 @@ def format_table(result: dict) -> str:
     """One line per (phase, seq len, batch): medians with p10-p90, ratios and fraction of the floor."""
     m = result["machine"]
     r = m["rates"]
+    gpu = None if m.get("device", "cpu") == "cpu" else m["device"]  # older JSON has no "device"
     lines = [
         f"preset {result['settings']['preset']}: MoE {result['params']['moe'] / 1e6:.2f}M params, "
-        f"FoE {result['params']['foe'] / 1e6:.2f}M; {m['cpu']}, {m['cores']} cores, {r['threads']} threads, "
+        f"FoE {result['params']['foe'] / 1e6:.2f}M; {gpu + ', host ' if gpu else ''}"
+        f"{m['cpu']}, {m['cores']} cores, {r['threads']} threads, "
         f"torch {m['torch']}; load average {m['loadavg_before'][0]:.1f} before, {m['loadavg_after'][0]:.1f} after",
         f"machine: {result['settings'].get('dtype', 'float32')} matmul {r['matmul_gflops']:.0f} GFLOP/s "
         f"({r['matmul_size']}^2), copy "

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from foe.cli.common import add_dtype_arg, number_list, random_weights_dtype
+from foe.cli.common import add_device_arg, add_dtype_arg, device_name, number_list, random_weights_dtype
 
 
 _ints = number_list(int, "integers", positive=True)
@@ -37,13 +37,14 @@ def register(commands: argparse._SubParsersAction, bench: argparse._SubParsersAc
                    help="skip timing one feed-forward layer alone at each token count")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--clock", choices=("auto", "wall", "cpu"), default="auto",
-                   help="wall: elapsed time; cpu: the thread's CPU time, for a busy shared machine (needs "
-                        "--threads 1); auto (default): wall, or cpu with 1 thread when the load average is "
-                        "already near the core count")
+                   help="wall: elapsed time (on cuda, after synchronising); cpu: the thread's CPU time, for a busy "
+                        "shared machine (needs --threads 1; not on cuda); auto (default): wall, or on the CPU cpu "
+                        "with 1 thread when the load average is already near the core count")
     p.add_argument("--max-prefill-tokens", type=int, default=8192, metavar="N",
                    help="skip prefill shapes with batch * seq len above N (default 8192)")
     p.add_argument("--seed", type=int, default=0, help="seed for weights and inputs (default 0)")
     add_dtype_arg(p, auto="float32 (random weights); the floor's matmul runs in it too")
+    add_device_arg(p)
     p.add_argument("--json", default="results/bench_model.json", metavar="PATH",
                    help="where to write results (default results/bench_model.json)")
     p.add_argument("--plot", default=None, metavar="PATH",
@@ -59,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
                              phases=args.phases, repeats=args.repeats, warmup=args.warmup,
                              naive=not args.no_naive, feed_forward=not args.no_feed_forward, seed=args.seed, threads=args.threads,
                              max_prefill_tokens=args.max_prefill_tokens, clock=args.clock,
-                             dtype=random_weights_dtype(args))
+                             dtype=random_weights_dtype(args), device=device_name(args))
     result = run_model_bench(bench)
     print()
     print(format_table(result))

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from foe.cli.common import at_least, check_output
+from foe.cli.common import add_device_arg, at_least, check_output, device_name
 
 
 def register(commands: argparse._SubParsersAction, bench: argparse._SubParsersAction) -> None:
@@ -27,11 +27,12 @@ def register(commands: argparse._SubParsersAction, bench: argparse._SubParsersAc
     p.add_argument("--repeats", type=at_least(1), default=20, help="timed calls per variant (default 20)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float64"), default="float32",
                    help="model and KV dtype (default float32)")
+    add_device_arg(p)
     p.add_argument("--threads", type=at_least(1), default=1,
                    help="torch threads (default 1: the engine core's share of a 2-core machine)")
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
-                   help="wall: elapsed time; cpu: this thread's CPU time (robust on a busy machine; needs "
-                        "--threads 1)")
+                   help="wall: elapsed time (on cuda, after synchronising); cpu: this thread's CPU time (robust "
+                        "on a busy machine; needs --threads 1; not on cuda)")
     p.add_argument("--json", default="results/bench_step.json", metavar="PATH",
                    help="where to write results (default results/bench_step.json)")
     p.set_defaults(func=run)
@@ -43,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     check_output(args.json, "--json")
     cfg = StepBenchConfig(preset=args.preset, arch=args.arch, batch=args.batch, context=args.context,
                           chunk=args.chunk, temperature=args.temperature, repeats=args.repeats, dtype=args.dtype,
-                          threads=args.threads, clock=args.clock)
+                          threads=args.threads, clock=args.clock, device=device_name(args))
     res = run_step_bench(cfg)
     print(format_report(res))
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)

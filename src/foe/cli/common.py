@@ -161,7 +161,7 @@ def device_name(args: argparse.Namespace) -> str:
     """--device with auto resolved (cuda when torch sees a GPU, else cpu): the name every rank resolves
     again for its own local rank; "cpu" for a command without the option. ValueError for cuda without one."""
     from foe.device import resolve_device
-    return resolve_device(getattr(args, "device", "auto")).type
+    return resolve_device(getattr(args, "device", "cpu")).type
 
 
 def random_weights_dtype(args: argparse.Namespace) -> str:
@@ -191,11 +191,13 @@ def config_from_args(args: argparse.Namespace) -> "ModelConfig":
     return ModelConfig.from_preset(args.preset, arch=args.arch, sync=args.sync)
 
 
-def model_from_args(args: argparse.Namespace) -> "Transformer":
-    """The --checkpoint's model, or random weights for --preset seeded by --seed; in --dtype, eval mode."""
+def model_from_args(args: argparse.Namespace, device: "str | torch.device | None" = None) -> "Transformer":
+    """The --checkpoint's model, or random weights for --preset seeded by --seed (drawn on the CPU, so a
+    seed is the same model on every device); in --dtype, eval mode, on `device` (None: --device's)."""
     from foe.model.checkpoint import build_model
     ckpt = checkpoint_from_args(args)
-    return build_model(ckpt, None if ckpt else config_from_args(args), args.seed, dtype_from_args(args))
+    return build_model(ckpt, None if ckpt else config_from_args(args), args.seed, dtype_from_args(args),
+                       device=device_name(args) if device is None else device)
 
 
 def tokenizer_from_args(args: argparse.Namespace) -> "Tokenizer":

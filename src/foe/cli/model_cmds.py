@@ -6,8 +6,8 @@ import argparse
 import math
 from pathlib import Path
 
-from foe.cli.common import (add_dtype_arg, add_model_args, at_least, check_output, checkpoint_from_args,
-                            config_from_args, float_in, model_from_args)
+from foe.cli.common import (add_device_arg, add_dtype_arg, add_model_args, at_least, check_output,
+                            checkpoint_from_args, config_from_args, float_in, model_from_args)
 from foe.tables import align_right
 
 
@@ -28,6 +28,7 @@ GENERATE_EXAMPLES = """\
 examples:
   foe generate --preset tiny --prompt-ids "1 2 3" --max-new-tokens 8
   foe generate --preset tiny --dtype float64 --prompt-ids "1 2 3"     float64 weights, activations and KV
+  foe generate --preset tiny --device cuda --dtype bfloat16           on the GPU (--device auto picks it)
   foe generate --checkpoint runs/cq-default/foe --prompt-ids "464 3290" --temperature 0.8 --top-p 0.9 \\
       --sample-seed 0
 """
@@ -65,6 +66,7 @@ def register(commands: argparse._SubParsersAction, bench: argparse._SubParsersAc
                                         "the new token ids.", epilog=GENERATE_EXAMPLES, formatter_class=raw)
     add_model_args(p)
     add_dtype_arg(p)
+    add_device_arg(p)
     p.add_argument("--prompt-ids", default="1 2 3", help="space-separated token ids (default '1 2 3')")
     p.add_argument("--max-new-tokens", type=at_least(1), default=16, help="tokens to generate, >= 1 (default 16)")
     p.add_argument("--temperature", type=float_in(0.0, math.inf), default=0.0, help="0 = greedy (default)")
