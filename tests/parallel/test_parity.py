@@ -81,3 +81,8 @@ def test_dead_rank_fails_fast_instead_of_hanging() -> None:
     from tests.parallel.workers import dying_worker
     with pytest.raises(RuntimeError, match=r"rank 1 \(pid \d+\) on this host died"):
         run_ranks(dying_worker, 2, timeout_s=60)
+
+
+def test_ranks_join_on_the_cpu_over_gloo() -> None:
+    from tests.parallel.workers import placement_worker
+    assert run_ranks(placement_worker, 2, timeout_s=60) == [("cpu", "gloo"), ("cpu", "gloo")]

@@ -13,6 +13,7 @@ import torch
 
 from foe.config import ModelConfig
 from foe.parallel import ParallelDims, parallelize
+from foe.parallel.launch import rank_device
 from tests.conftest import build
 
 
@@ -26,9 +27,10 @@ def case_tokens(model_cfg: ModelConfig, B: int, n: int) -> torch.Tensor:
 
 def run_case(model_cfg: ModelConfig, dims: ParallelDims, rank: int, B: int, L: int, decode_steps: int,
              split: list[list[int]] | None = None) -> dict:
-    model = build(model_cfg, seed=3)
+    dev = rank_device()  # the CPU under gloo; this rank's GPU under NCCL (tests/gpu)
+    model = build(model_cfg, seed=3).to(dev)
     ref = copy.deepcopy(model)
-    tokens = case_tokens(model_cfg, B, L + decode_steps)
+    tokens = case_tokens(model_cfg, B, L + decode_steps).to(dev)
     rows = shard_rows(B, dims.dp_size, split)[dims.dp_rank(rank)]
 
     def run(m: torch.nn.Module, idx: list[int]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -37,7 +39,7 @@ def run_case(model_cfg: ModelConfig, dims: ParallelDims, rank: int, B: int, L: i
         out = m(x[:, :L], cache=cache)
         logits, counts = [out.logits], [out.expert_counts]
         for t in range(L, L + decode_steps):
-            out = m(x[:, t:t + 1], pos_BL=torch.full((len(idx), 1), t, dtype=torch.long), cache=cache)
+            out = m(x[:, t:t + 1], pos_BL=torch.full((len(idx), 1), t, dtype=torch.long, device=dev), cache=cache)
             logits.append(out.logits)
             counts.append(out.expert_counts)
         return logits, counts
@@ -71,3 +73,9 @@ def dying_worker(rank: int, world: int) -> None:
     if rank == 1:
         os._exit(3)  # a crashed worker: no exception, no goodbye
     dist.barrier()  # rank 0 would wait here forever without the launcher's watchdog
+
+
+def placement_worker(rank: int, world: int) -> tuple[str, str]:
+    """This rank's device and process-group backend, as the launcher chose them."""
+    import torch.distributed as dist
+    return str(rank_device()), dist.get_backend()
