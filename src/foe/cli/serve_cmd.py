@@ -61,6 +61,7 @@ def register(commands: argparse._SubParsersAction, bench: argparse._SubParsersAc
                                      "after another and in static batches, in one run; prints ratios.")
     add_model_args(b, default_preset="small")
     add_dtype_arg(b)
+    add_device_arg(b)
     _add_engine_args(b)
     b.add_argument("--num-requests", type=positive_int, default=24)
     b.add_argument("--prompt-len", default="16:128", help="prompt length range lo:hi (default 16:128)")

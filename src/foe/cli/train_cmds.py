@@ -12,7 +12,7 @@ import math
 import sys
 from pathlib import Path
 
-from foe.cli.common import (GIVEN, add_dtype_arg, add_model_args, at_least, check_output, config_from_args,
+from foe.cli.common import (GIVEN, add_device_arg, add_dtype_arg, add_model_args, at_least, check_output, config_from_args,
                             float_in, model_from_args, number_list, remember_given, tokenizer_from_args)
 
 TASK_HELP = ("multiple-choice task, repeatable: NAME (built-in smoke-test set) or NAME=PATH (jsonl in the HF "
@@ -103,6 +103,7 @@ def register(commands: argparse._SubParsersAction, bench: argparse._SubParsersAc
                             epilog=EVAL_EXAMPLES, formatter_class=raw)
     add_model_args(p)
     add_dtype_arg(p)
+    add_device_arg(p)
     p.add_argument("--task", action="append", metavar="NAME[=PATH]", help=TASK_HELP)
     p.add_argument("--data", action="append", metavar="SRC",
                    help="text for perplexity (default: the run's training data; builtin for a checkpoint "
