@@ -21,6 +21,7 @@ MODULES = (
     "foe.cli.bench_serve",  # bench serve, bench compare
     "foe.cli.train_cmds",  # train, eval, compare-quality
     "foe.cli.sim_cmd",  # sim
+    "foe.cli.cluster_cmd",  # cluster
 )
 
 DESCRIPTION = """\
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         return 141
     except (ValueError, OSError) as e:  # bad input or an unusable path: a clear message, no traceback
         name = " ".join(filter(None, (args.command, getattr(args, "bench_command", None),
-                                      getattr(args, "sim_command", None))))
+                                      getattr(args, "sim_command", None), getattr(args, "cluster_command", None))))
         print(f"foe {name}: error: {_one_line(e)}", file=sys.stderr)
         return 2
 

@@ -17,6 +17,7 @@ in a collective.
 from __future__ import annotations
 
 import datetime
+import os
 import queue
 import socket
 import time
@@ -76,9 +77,11 @@ def rank_device() -> torch.device:
 
 def job_hosts() -> list[str]:
     """Every rank's host, by rank (a collective): its name and its address on the route to the master, which
-    tells apart network namespaces sharing one hostname. On one machine over loopback all are equal."""
+    tells apart network namespaces sharing one hostname. On one machine over loopback all are equal.
+    FOE_HOST_ID, when set, names the host instead: `foe cluster` sets it to the emulated node, whose ranks
+    each have a namespace (and so an address) of their own."""
     master = _joined.master_addr if _joined else "127.0.0.1"
-    mine = f"{socket.gethostname()} ({local_address(master) or '?'})"
+    mine = os.environ.get("FOE_HOST_ID") or f"{socket.gethostname()} ({local_address(master) or '?'})"
     hosts: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(hosts, mine)
     return hosts

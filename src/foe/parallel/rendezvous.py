@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime
 import fcntl
+import ipaddress
 import os
 import socket
 import struct
@@ -145,11 +146,19 @@ def interface_of(addr: str) -> str | None:
     return None
 
 
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(socket.gethostbyname(host)).is_loopback
+    except (OSError, ValueError):
+        return False
+
+
 def pick_gloo_interface(rdzv: Rendezvous) -> None:
     """Gloo advertises the address its hostname resolves to, else loopback: wrong on a host whose hostname
     is not its address on the job's network. Use the interface that routes to the master instead (unless
-    GLOO_SOCKET_IFNAME is set)."""
-    if rdzv.nnodes > 1 and "GLOO_SOCKET_IFNAME" not in os.environ:
+    GLOO_SOCKET_IFNAME is set), whenever the master is not on loopback: ranks of one node may sit in
+    network namespaces of their own (`foe cluster`)."""
+    if "GLOO_SOCKET_IFNAME" not in os.environ and not _is_loopback(rdzv.master_addr):
         iface = interface_of(local_address(rdzv.master_addr) or "")
         if iface:
             os.environ["GLOO_SOCKET_IFNAME"] = iface
