@@ -75,8 +75,10 @@ def _build(spec: ClusterSpec) -> None:
         ip("netns", "add", ns)
         ip("-n", ns, "link", "set", "lo", "up")
         # made in this namespace under temporary names, then moved and renamed (names are per namespace)
-        ip("link", "add", f"{tag}a", "mtu", str(spec.mtu), "type", "veth", "peer", "name", f"{tag}b", "mtu",
-           str(spec.mtu))
+        # GSO off (one segment per packet): the shaper charges whole super-packets of up to 64 KB, which
+        # would let that much through at once whatever the rate
+        one = ("mtu", str(spec.mtu), "gso_max_segs", "1", "gso_max_size", str(spec.mtu))
+        ip("link", "add", f"{tag}a", *one, "type", "veth", "peer", "name", f"{tag}b", *one)
         ip("link", "set", f"{tag}a", "netns", ns)
         ip("link", "set", f"{tag}b", "netns", fab)
         ip("-n", ns, "link", "set", f"{tag}a", "name", "eth0")
