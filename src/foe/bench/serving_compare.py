@@ -53,6 +53,7 @@ class CompareConfig:
     serve_args: tuple[str, ...] = field(default_factory=tuple)  # passed through to `foe serve`
     device: str = "auto"  # foe serve's --device and --dtype, the same for both
     dtype: str = "auto"
+    cluster: str | None = None  # an emulated cluster (`foe cluster`): each server is a job on all its ranks
     ready_timeout_s: float = 300.0
 
     def __post_init__(self) -> None:
@@ -74,8 +75,17 @@ class CompareConfig:
         model = ["--checkpoint", ckpt] if ckpt else ["--preset", self.preset, "--arch", arch, "--seed", str(self.seed)]
         # One rank is the plain single-process model for both (the strategies differ only across ranks).
         strategy = "none" if self.nproc == 1 else self.moe_strategy if arch == "moe" else "gp"
-        return [*model, "--strategy", strategy, "--nproc", str(self.nproc), "--device", self.device,
-                "--dtype", self.dtype, *self.serve_args]
+        # on a cluster its job's environment gives the layout (nproc = the cluster's ranks)
+        ranks = [] if self.cluster else ["--nproc", str(self.nproc)]
+        return [*model, "--strategy", strategy, *ranks, "--device", self.device, "--dtype", self.dtype,
+                *self.serve_args]
+
+    def launcher(self, arch: str) -> list[str] | None:
+        """How a server is started: by `foe serve` itself, or as a job on every rank of the cluster."""
+        if self.cluster is None:
+            return None
+        logs = str(Path(self.out_dir) / f"server-{arch}-ranks")
+        return [sys.executable, "-m", "foe.cli.main", "cluster", "job", "--name", self.cluster, "--logs", logs, "--"]
 
 
 def server_side_means(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
@@ -104,7 +114,7 @@ def _start(cfg: CompareConfig, arch: str, workload: list[SampleRequest], say: Ca
     say(f"[{arch.upper()}] starting foe serve {' '.join(cfg.serve_args_for(arch))}")
     t0 = time.perf_counter()
     srv = stack.enter_context(ServerProcess(cfg.serve_args_for(arch), Path(cfg.out_dir) / f"server-{arch}.log",
-                                            ready_timeout_s=cfg.ready_timeout_s))
+                                            ready_timeout_s=cfg.ready_timeout_s, launcher=cfg.launcher(arch)))
     model = httpx.get(srv.url + "/v1/models", timeout=10).json()["data"][0]["id"]
     _warm_up(srv.url, model, workload[: cfg.warmup])
     say(f"[{arch.upper()}] ready and warm after {time.perf_counter() - t0:.1f} s on {srv.url}")

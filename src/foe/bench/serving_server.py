@@ -53,9 +53,11 @@ class ServerProcess:
     """`foe serve <args>` on a free port of 127.0.0.1; `with ServerProcess(...) as srv: srv.url`."""
 
     def __init__(self, serve_args: list[str], log_path: str | Path, port: int | None = None,
-                 ready_timeout_s: float = 300.0) -> None:
+                 ready_timeout_s: float = 300.0, launcher: list[str] | None = None) -> None:
+        """launcher: a command that starts `foe serve` on its ranks (e.g. `foe cluster job --`); by default
+        it starts them itself."""
         self.port = port or free_port()
-        self.cmd = [sys.executable, "-m", "foe.cli.main", "serve", *serve_args,
+        self.cmd = [*(launcher or []), sys.executable, "-m", "foe.cli.main", "serve", *serve_args,
                     "--host", "127.0.0.1", "--port", str(self.port)]
         self.log_path = Path(log_path)
         self.ready_timeout_s = ready_timeout_s
@@ -86,7 +88,7 @@ class ServerProcess:
         deadline = time.monotonic() + self.ready_timeout_s
         while time.monotonic() < deadline:
             if self.proc is not None and self.proc.poll() is not None:
-                raise RuntimeError(f"`{' '.join(self.cmd[2:])}` exited with code {self.proc.returncode}:\n"
+                raise RuntimeError(f"`{' '.join(self.cmd)}` exited with code {self.proc.returncode}:\n"
                                    f"{self.log_tail()}")
             try:
                 if httpx.get(self.url + "/health", timeout=2.0).status_code == 200:

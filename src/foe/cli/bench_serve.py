@@ -5,6 +5,7 @@ Argument parsing only; the work is in foe.bench.serving*."""
 from __future__ import annotations
 
 import argparse
+import os
 import math
 
 from foe.bench.datasets import DEFAULT_LONGBENCH_OUTPUT_SCALE, DEFAULT_LONGBENCH_SCALE, LONGBENCH_TASKS
@@ -84,6 +85,9 @@ def register(commands: argparse._SubParsersAction, bench: argparse._SubParsersAc
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--warmup", type=int, default=2, help="unmeasured requests after a server starts (default 2)")
     p.add_argument("--out", default="runs/serving-compare", metavar="DIR", help="JSON, PNG and server logs go here")
+    p.add_argument("--cluster", default=os.environ.get("FOE_CLUSTER"), metavar="NAME",
+                   help="run each server as a job on every rank of this emulated cluster (`foe cluster`; default: "
+                        "$FOE_CLUSTER, which `foe cluster run --driver` sets); --nproc must be its ranks")
     p.add_argument("--serve-arg", action="append", default=[], metavar="ARG",
                    help="extra argument for `foe serve` (repeatable, e.g. --serve-arg=--max-num-seqs=16)")
     p.add_argument("--no-progress", action="store_true")
@@ -184,12 +188,20 @@ def compare(args: argparse.Namespace) -> int:
     if args.engine == "foe" and (args.vllm_python or args.vllm_arg):
         raise ValueError("--vllm-python and --vllm-arg need --engine vllm")
     strategy = args.moe_strategy or ("tp" if args.engine == "vllm" else "ep")
+    if args.cluster:
+        from foe.cluster.jobs import load_spec
+        if args.engine != "foe":
+            raise ValueError("--cluster runs foe serve; vLLM's own launcher is not wired to emulated clusters")
+        world = load_spec(args.cluster).world_size
+        if args.nproc != world:
+            raise ValueError(f"cluster {args.cluster} has {world} ranks: pass --nproc {world}")
     cfg = CompareConfig(out_dir=args.out, preset=args.preset, checkpoint_moe=args.checkpoint_moe,
                         checkpoint_foe=args.checkpoint_foe, moe_strategy=strategy, nproc=args.nproc,
                         paper_scales_s=tuple(args.scales), time_scale=args.time_scale, num_prompts=args.num_prompts,
                         longbench_scale=args.longbench_scale, longbench_output_scale=args.longbench_output_scale,
                         prompt_format=args.prompt_format, burstiness=args.burstiness, seed=args.seed,
-                        warmup=args.warmup, serve_args=tuple(args.serve_arg), device=args.device, dtype=args.dtype)
+                        warmup=args.warmup, serve_args=tuple(args.serve_arg), device=args.device, dtype=args.dtype,
+                        cluster=args.cluster)
     if args.engine == "vllm":
         from foe.bench.serving_compare_vllm import run_compare_vllm
         result = run_compare_vllm(cfg, args.vllm_python, args.kv_cache_gib, tuple(args.vllm_arg),

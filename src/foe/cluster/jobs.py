@@ -26,7 +26,7 @@ from foe.cluster.netns import exec_argv, namespaces
 from foe.cluster.topology import ClusterSpec
 
 STATE_DIR = Path(os.environ.get("FOE_CLUSTER_STATE", "/run/foe-cluster"))
-MASTER_PORT = 29500
+_FREE_PORT = "import socket; s = socket.socket(); s.bind(('0.0.0.0', 0)); print(s.getsockname()[1])"
 EXIT_WAIT_S = 30.0  # for the other ranks once rank 0 has finished
 
 
@@ -51,10 +51,18 @@ def forget_spec(name: str) -> None:
     state_path(name).unlink(missing_ok=True)
 
 
-def rank_env(spec: ClusterSpec, rank: int, threads: int) -> dict[str, str]:
+def free_port_on_rank0(spec: ClusterSpec) -> int:
+    """A free port in rank 0's namespace, for the job's rendezvous: several jobs (bench compare's two
+    servers) can share a cluster."""
+    r = subprocess.run(exec_argv(spec.rank_ns(0), [sys.executable, "-c", _FREE_PORT]), capture_output=True,
+                       text=True, timeout=60, check=True)
+    return int(r.stdout)
+
+
+def rank_env(spec: ClusterSpec, rank: int, threads: int, port: int) -> dict[str, str]:
     return {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(spec.local_rank(rank)),
             "WORLD_SIZE": str(spec.world_size), "LOCAL_WORLD_SIZE": str(spec.ranks_per_node),
-            "GROUP_RANK": str(spec.node_of(rank)), "MASTER_ADDR": spec.address(0), "MASTER_PORT": str(MASTER_PORT),
+            "GROUP_RANK": str(spec.node_of(rank)), "MASTER_ADDR": spec.address(0), "MASTER_PORT": str(port),
             "FOE_HOST_ID": f"{spec.name} node {spec.node_of(rank)}", "OMP_NUM_THREADS": str(threads)}
 
 
@@ -72,12 +80,12 @@ def run_job(spec: ClusterSpec, argv: list[str], log_dir: Path, timeout_s: float 
     """argv on every rank; rank 0's output here, the others' in log_dir/rank<r>.log. Returns rank 0's exit
     code, or 1 when another rank failed first (the others are then stopped)."""
     log_dir.mkdir(parents=True, exist_ok=True)
-    threads = _threads(spec)
+    threads, port = _threads(spec), free_port_on_rank0(spec)
     procs: dict[int, subprocess.Popen] = {}
     try:
         for r in range(spec.world_size):
             out = None if r == 0 else open(log_dir / f"rank{r}.log", "wb")
-            procs[r] = subprocess.Popen(exec_argv(spec.rank_ns(r), argv), env=rank_env(spec, r, threads),
+            procs[r] = subprocess.Popen(exec_argv(spec.rank_ns(r), argv), env=rank_env(spec, r, threads, port),
                                         stdout=out, stderr=subprocess.STDOUT if out else None,
                                         stdin=subprocess.DEVNULL, start_new_session=True)
         return _supervise(spec, procs, log_dir, timeout_s)
