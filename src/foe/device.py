@@ -7,6 +7,7 @@ and over gloo on the CPU.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 
@@ -28,8 +29,14 @@ def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
         raise ValueError(f"--device {name}: torch sees no CUDA device (torch {torch.__version__}, "
                          f"CUDA build: {torch.version.cuda or 'no'}); use --device cpu")
     if ":" in name:
+        if local_rank > 0:  # every local rank would share that GPU, which NCCL refuses
+            raise ValueError(f"--device {name} names one GPU, but this host runs several ranks: use --device cuda "
+                             f"(each local rank takes the GPU of its index)")
         return torch.device(name)
     count = torch.cuda.device_count()
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    if count == 1 and visible and "," not in visible:
+        return torch.device("cuda", 0)  # one GPU made visible to each process (a scheduler's way): that one
     if local_rank >= count:
         raise ValueError(f"local rank {local_rank} needs a GPU of its own, but this host has {count}; "
                          f"run at most {count} ranks per node")

@@ -129,8 +129,14 @@ def served_text(ns0: str, nodes: list[subprocess.Popen], logs: list[Path]) -> li
     return json.loads(out)
 
 
-def kill_and_watch(ns0: str, victim: int, nodes: list[subprocess.Popen]) -> set[str]:
-    """SIGKILL `victim` while polling node 0's /health from inside ns0; the statuses seen until it went."""
+def kill_and_watch(ns0: str, victim: int, nodes: list[subprocess.Popen], busy: bool = False) -> set[str]:
+    """SIGKILL `victim` while polling node 0's /health from inside ns0 (busy: while requests are being
+    generated, so that rank 0 is inside a collective when its peer dies); the statuses seen until it went."""
+    load = None
+    if busy:
+        load = in_ns(ns0, "complete", API, json.dumps(PROMPTS * 2), json.dumps([200] * 2 * len(PROMPTS)),
+                     stderr=subprocess.DEVNULL)
+        time.sleep(1.5)
     poller = in_ns(ns0, "health", API)
     assert poller.stdout is not None
     assert poller.stdout.readline().strip() == "200"
@@ -138,6 +144,9 @@ def kill_and_watch(ns0: str, victim: int, nodes: list[subprocess.Popen]) -> set[
     out, _ = poller.communicate(timeout=60)
     for node in nodes:
         node.wait(timeout=30)  # every process exits: none hangs
+    if load is not None:
+        load.kill()
+        load.wait()
     return set(out.split())
 
 
@@ -170,9 +179,9 @@ def test_two_hosts_serve_the_single_process_text_and_stop_together(hosts: tuple[
     nodes = [start_node(hosts[k], k, logs[k], *model) for k in (0, 1)]
     assert served_text(hosts[0], nodes, logs) == want
 
-    # Kill node 1's rank: node 0's API answers 503, then every process on both hosts exits.
+    # Kill node 1's rank while it generates: node 0's API answers 503, then every process on both hosts exits.
     (rank1,) = children(nodes[1].pid)
-    statuses = kill_and_watch(hosts[0], rank1, nodes)
+    statuses = kill_and_watch(hosts[0], rank1, nodes, busy=True)
     assert "503" in statuses and "down" in statuses, statuses
     assert nodes[0].returncode != 0 and nodes[1].returncode != 0
     for log in logs:  # both name the rank and its host

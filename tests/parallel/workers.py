@@ -79,3 +79,11 @@ def placement_worker(rank: int, world: int) -> tuple[str, str]:
     """This rank's device and process-group backend, as the launcher chose them."""
     import torch.distributed as dist
     return str(rank_device()), dist.get_backend()
+
+
+def raising_worker(rank: int, world: int) -> None:
+    """Rank 1 raises while rank 0 waits for a message from it."""
+    import torch.distributed as dist
+    if rank == 1:
+        raise ValueError("rank 1 says no")
+    dist.recv(torch.zeros(1), src=1)

@@ -33,9 +33,9 @@ from foe.engine.core import EngineCore
 from foe.engine.engine import LLMEngine, LocalExecutor
 from foe.engine.ipc import EngineInfo, Ready, StartupFailed
 from foe.engine.scheduler import SchedulerConfig
-from foe.engine.worker import DistributedExecutor, ModelSpec, exit_with_parent
+from foe.engine.worker import DistributedExecutor, ModelSpec
 from foe.parallel import ParallelDims
-from foe.parallel.launch import Rendezvous, threads_per_rank
+from foe.parallel.launch import Rendezvous, exit_with_parent, threads_per_rank
 from foe.tokenizer import load_tokenizer
 
 STOP_WAIT_S = 30.0  # for the core to stop its ranks after Shutdown, before it is killed

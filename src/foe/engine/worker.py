@@ -38,8 +38,9 @@ from foe.engine.request import StepPlan
 from foe.engine.runner import ModelRunner
 from foe.model.transformer import Transformer
 from foe.parallel import ParallelDims, parallelize
-from foe.parallel.launch import (LocalRanks, Rendezvous, connect_store, join_group, report_death, reported_death,
-                                 supervise_node, threads_per_rank)
+from foe.parallel.accounting import CommLedger
+from foe.parallel.launch import (LocalRanks, Rendezvous, connect_store, exit_with_parent, join_group, report_death,
+                                 reported_death, supervise_node, threads_per_rank)
 
 HEARTBEAT_S = 5.0
 _NOOP, _STOP = "noop", "stop"
@@ -75,21 +76,14 @@ class ModelSpec:
         return load_config(self.checkpoint)
 
 
+def _serving_ledger() -> CommLedger:
+    """Off: a server runs for days (the records would grow without end), and on CUDA an accounted
+    collective waits for the GPU before and after."""
+    return CommLedger(enabled=False)
+
+
 def _run_shard(runner: ModelRunner, dims: ParallelDims, rank: int, plan: StepPlan) -> torch.Tensor:
     return runner.execute_plan(plan, dims.dp_rank(rank))
-
-
-def exit_with_parent() -> None:
-    """A worker rank (or the engine core) whose parent died, even by SIGKILL, which runs no clean-up, exits at
-    once instead of waiting for the collective timeout."""
-    parent = os.getppid()
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(0.5)
-        os._exit(1)
-
-    threading.Thread(target=watch, name="foe-parent-watch", daemon=True).start()
 
 
 def _worker_main(rank: int, dims: ParallelDims, rdzv: Rendezvous, spec: ModelSpec, num_blocks: int,
@@ -108,7 +102,7 @@ def _worker_main(rank: int, dims: ParallelDims, rdzv: Rendezvous, spec: ModelSpe
 def _serve_rank(rank: int, dims: ParallelDims, rdzv: Rendezvous, spec: ModelSpec, num_blocks: int,
                 block_size: int) -> None:
     model = spec.build(join_group(rdzv, rank))
-    parallelize(model, dims, rank)
+    parallelize(model, dims, rank, ledger=_serving_ledger())
     runner = ModelRunner(model, num_blocks, block_size)
     while True:
         box: list[Any] = [None]
@@ -118,8 +112,8 @@ def _serve_rank(rank: int, dims: ParallelDims, rdzv: Rendezvous, spec: ModelSpec
         if box[0] == _NOOP:
             continue
         logits = _run_shard(runner, dims, rank, box[0])
-        if dims.dp_size > 1:
-            dist.gather_object(logits, None, dst=0)
+        if dims.dp_size > 1:  # through the host: a CUDA tensor would unpickle on this rank's GPU
+            dist.gather_object(logits.cpu(), None, dst=0)
     dist.destroy_process_group()
 
 
@@ -155,7 +149,7 @@ class DistributedExecutor:
         if rdzv.nnodes > 1 and not rdzv.torchrun:  # (torchrun's agents watch their own ranks)
             self._store = connect_store(rdzv)  # the monitor reads the other nodes' reports from it
         model = spec.build(device)
-        parallelize(model, dims, 0)
+        parallelize(model, dims, 0, ledger=_serving_ledger())
         self.runner = ModelRunner(model, num_blocks, block_size)
 
     @property
@@ -188,7 +182,7 @@ class DistributedExecutor:
         dist.broadcast_object_list([obj], src=0)
         self._last = time.monotonic()
 
-    def _dead_workers(self, wait_s: float = 1.0) -> str | None:
+    def _dead_workers(self, wait_s: float = 2.5) -> str | None:
         """Which ranks have died (waiting a little: a collective often fails before the death is seen)."""
         deadline = time.monotonic() + wait_s
         while True:
@@ -210,12 +204,12 @@ class DistributedExecutor:
         if self.dims.dp_size == 1:
             return [logits]
         gathered: list[Any] = [None] * self.dims.world_size
-        dist.gather_object(logits, gathered, dst=0)
+        dist.gather_object(logits.cpu(), gathered, dst=0)
         # The first rank of each data-parallel shard speaks for it.
         first = {}
         for r in range(self.dims.world_size):
             first.setdefault(self.dims.dp_rank(r), r)
-        return [gathered[first[d]] for d in range(self.dims.dp_size)]
+        return [gathered[first[d]].to(logits.device) for d in range(self.dims.dp_size)]
 
     def idle(self) -> None:
         if time.monotonic() - self._last > HEARTBEAT_S:

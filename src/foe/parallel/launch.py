@@ -19,7 +19,9 @@ from __future__ import annotations
 import datetime
 import os
 import queue
+import signal
 import socket
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -111,6 +113,19 @@ def init_distributed(device: str = "cpu", timeout_s: float = 120.0) -> tuple[int
     return rank, rdzv.world_size
 
 
+def exit_with_parent() -> None:
+    """A rank (or the engine core) whose parent died, even by SIGKILL, which runs no clean-up, exits at once
+    instead of computing on, or waiting for the collective timeout."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="foe-parent-watch", daemon=True).start()
+
+
 def leave_group() -> None:
     """Leave after a barrier: a rank that tears its group down while a peer is still in a collective
     makes gloo abort that peer."""
@@ -146,6 +161,10 @@ class LocalRanks:
                          for r, p in self.procs.items()
                          if p.exitcode is not None and (clean_too or p.exitcode != 0)) or None
 
+    def killed(self) -> bool:
+        """Whether a rank here was ended by a signal (negative exit code)."""
+        return any(p.exitcode is not None and p.exitcode < 0 for p in self.procs.values())
+
     def all_exited_cleanly(self) -> bool:
         return all(p.exitcode == 0 for p in self.procs.values())
 
@@ -164,10 +183,11 @@ class LocalRanks:
 # --- the rendezvous store as the job's noticeboard (several nodes) ---
 
 def report_death(store: dist.TCPStore | None, reason: str) -> None:
-    """Record the first death of the job in the store, for rank 0's error and the other nodes' messages."""
+    """Record the first death of the job in the store, for rank 0's error and the other nodes' messages
+    (atomically: a second report never overwrites the first)."""
     try:
-        if store is not None and not store.check([DEAD_KEY]):
-            store.set(DEAD_KEY, reason)
+        if store is not None:
+            store.compare_set(DEAD_KEY, "", reason)
     except Exception:  # noqa: BLE001 (the store has gone: the job is ending anyway)
         pass
 
@@ -196,10 +216,10 @@ def _cause(store: dist.TCPStore, gone: str, wait_s: float = 1.0) -> str | None:
     before that death is reported) or the end of the job. Waits a little for the report."""
     deadline = time.monotonic() + wait_s
     while True:
-        if not store_alive(store):
-            return gone
         if reported := reported_death(store):
             return reported
+        if not store_alive(store):
+            return gone
         if time.monotonic() > deadline:
             return None
         time.sleep(0.05)
@@ -213,7 +233,8 @@ def supervise_node(ranks: LocalRanks, store: dist.TCPStore, rdzv: Rendezvous, sa
     gone = f"node 0 (rank 0, {rdzv.endpoint}) is gone"
     while True:
         if dead := ranks.dead():
-            cause = _cause(store, gone)
+            # killed by a signal: nothing else caused it, so say so at once (rank 0 is waiting to name it)
+            cause = None if ranks.killed() else _cause(store, gone)
             if cause is None:  # this node's rank is the first to go: tell rank 0, whose error names it
                 report_death(store, dead)
                 say(f"{dead}; stopping this node's ranks and the job")
@@ -239,6 +260,7 @@ def supervise_node(ranks: LocalRanks, store: dist.TCPStore, rdzv: Rendezvous, sa
 # --- run_ranks: a function on every rank, results back on node 0 ---
 
 def _run_rank(rank: int, rdzv: Rendezvous, fn: Callable, args: tuple, results: Any, threads: int) -> None:
+    exit_with_parent()
     torch.set_num_threads(threads)
     try:
         join_group(rdzv, rank)
@@ -266,6 +288,7 @@ def run_ranks(fn: Callable[..., Any], job: int | Rendezvous, *args: Any, timeout
     if rdzv.torchrun:
         return _run_here(fn, rdzv, args)
     rdzv = replace(rdzv.with_port(), launcher_store=True)
+    _exit_through_finally_on(signal.SIGTERM, signal.SIGHUP)  # the ranks are stopped below
     store = host_store(rdzv) if rdzv.node_rank == 0 else connect_store(rdzv)
     threads = threads_per_rank or default_threads(rdzv.nproc)
     results = mp.get_context("spawn").Queue()
@@ -277,6 +300,15 @@ def run_ranks(fn: Callable[..., Any], job: int | Rendezvous, *args: Any, timeout
         ranks.kill()
 
 
+def _exit_through_finally_on(*sigs: signal.Signals) -> None:
+    """These signals raise SystemExit (so `finally` blocks run), unless a handler is already installed."""
+    def stop(sig: int, frame: object) -> None:
+        raise SystemExit(128 + sig)
+    for sig in sigs:
+        if signal.getsignal(sig) in (signal.SIG_DFL, None):
+            signal.signal(sig, stop)
+
+
 def _run_here(fn: Callable, rdzv: Rendezvous, args: tuple) -> list[Any] | None:
     rank = Rendezvous.env_rank()
     torch.set_num_threads(default_threads(rdzv.nproc))
@@ -285,8 +317,10 @@ def _run_here(fn: Callable, rdzv: Rendezvous, args: tuple) -> list[Any] | None:
         out = fn(rank, rdzv.world_size, *args)
         every: list[Any] | None = [None] * rdzv.world_size if rank == 0 else None
         dist.gather_object(out, every, dst=0)
-    finally:
-        leave_group()
+    except BaseException:
+        dist.destroy_process_group()  # no barrier: the others are in another collective; the launcher stops them
+        raise
+    leave_group()
     return every
 
 

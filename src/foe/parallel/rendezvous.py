@@ -60,9 +60,12 @@ class Rendezvous:
         if "RANK" not in env:
             return None
         try:
-            world = int(env["WORLD_SIZE"])
-            nproc = int(env.get("LOCAL_WORLD_SIZE", world))
-            node = int(env.get("GROUP_RANK", int(env["RANK"]) // nproc))
+            rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
+            # Without LOCAL_WORLD_SIZE (a launcher that starts one process per host or pod), each rank is
+            # its own node.
+            nproc = int(env.get("LOCAL_WORLD_SIZE", 1))
+            node = int(env.get("GROUP_RANK", rank // nproc))
+            local = int(env.get("LOCAL_RANK", rank - node * nproc))
             rdzv = cls(nproc=nproc, nnodes=world // nproc, node_rank=node, master_addr=env["MASTER_ADDR"],
                        master_port=int(env["MASTER_PORT"]), timeout_s=timeout_s, device=device, torchrun=True)
         except (KeyError, ValueError, ZeroDivisionError) as e:
@@ -71,6 +74,10 @@ class Rendezvous:
         if rdzv.world_size != world:
             raise ValueError(f"WORLD_SIZE {world} is not a multiple of LOCAL_WORLD_SIZE {nproc}: foe needs the "
                              f"same number of ranks on every node")
+        if rdzv.local_rank(rank) != local:
+            raise ValueError(f"RANK {rank}, LOCAL_RANK {local}, LOCAL_WORLD_SIZE {nproc} and GROUP_RANK {node} "
+                             f"disagree: foe needs global rank = node x ranks per node + local rank, as torchrun "
+                             f"numbers them")
         return rdzv
 
     @staticmethod
@@ -105,8 +112,8 @@ class Rendezvous:
     def check_hint(self) -> str:
         if self.torchrun:
             return (f"check that torchrun was started on every node with the same --nnodes {self.nnodes}, "
-                    f"--nproc-per-node {self.nproc} and rendezvous endpoint {self.endpoint}, and that no firewall "
-                    f"blocks it")
+                    f"--nproc-per-node {self.nproc} and rendezvous endpoint, that its MASTER_ADDR:MASTER_PORT "
+                    f"({self.endpoint}) is reachable from every node, and that no firewall blocks it")
         return (f"check that node 0 runs `foe serve ... --nnodes {self.nnodes} --node-rank 0 --master-port "
                 f"{self.master_port}`, that every other node runs the same command with its --node-rank and "
                 f"--master-addr {self.master_addr}, that {self.endpoint} is "

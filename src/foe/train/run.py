@@ -36,6 +36,7 @@ from foe.train.checkpointing import (has_checkpoint, load_training_state, read_t
 from foe.train.config import TrainConfig
 from foe.train.data import (SPLIT_SCHEME, PackedData, fingerprint, read_documents, split_documents,
                             tokenize_documents, unigram_loss)
+from foe.parallel.launch import rank_device
 from foe.train.distributed import barrier, init_from_env
 from foe.train.trainer import Trainer, load_balance
 
@@ -144,7 +145,8 @@ def run_training(tcfg: TrainConfig, mcfg: ModelConfig, resume: bool = False) -> 
                          f"{state['data_fingerprint']}); resume needs the same data files")
 
     torch.manual_seed(tcfg.seed)
-    model = Transformer(mcfg).to(tcfg.device)
+    # several ranks: each on the device the launcher gave it (its local rank's GPU), whatever --device named
+    model = Transformer(mcfg).to(rank_device() if world > 1 else tcfg.device)
     trainer = Trainer(model, tcfg, data, rank, world)
     start = load_training_state(ckpt, model, trainer.opt)["step"] if ckpt else 0
     log = JsonlLog(run / LOG_FILE, rank == 0)
