@@ -157,3 +157,39 @@ def test_without_root_it_refuses_with_the_reason(monkeypatch: pytest.MonkeyPatch
 def test_impossible_clusters_are_refused(kw: dict, msg: str) -> None:
     with pytest.raises(ValueError, match=msg):
         ClusterSpec(**kw)
+
+
+def test_scaled_rates_follow_the_rule() -> None:
+    """rate x q x t_here = the activations moved, for both links; q is the H100 one at the printed figures."""
+    from foe.cluster.scaling import Shape, h100_layer_seconds, scaled_to_h100
+    from foe.sim.hardware import CLUSTERS
+    shape = Shape("prefill", 2, 32)
+    r = scaled_to_h100("tiny", shape, ranks=2, t_here=1e-3)
+    T = shape.tokens
+    t_h100 = h100_layer_seconds(shape, CLUSTERS["h100"].matmul_efficiency)
+    for rate, link in ((r.intra_mbit, CLUSTERS["h100"].intra), (r.inter_mbit, CLUSTERS["h100"].inter)):
+        q = (T * 2048 * 2 / link.bw) / t_h100  # the 7b preset: d_model 2048, bf16
+        assert rate * 1e6 / 8 * q * 1e-3 == pytest.approx(T * 64 * 4, rel=1e-9)  # tiny: d_model 64, fp32
+    assert r.intra_mbit / r.inter_mbit == pytest.approx(CLUSTERS["h100"].intra.bw / CLUSTERS["h100"].inter.bw)
+    assert r.quotient(r.inter_mbit) == pytest.approx((T * 2048 * 2 / CLUSTERS["h100"].inter.bw) / t_h100)
+    assert r.band["inter"][0] <= r.inter_mbit <= r.band["inter"][1]
+    assert any("t_here = 1.000 ms" in line for line in r.arithmetic)
+
+
+def test_a_sweep_runs_every_factor_and_tears_down(tmp_path: Path) -> None:
+    if reason := _skip_reason():
+        pytest.skip(reason)
+    out = tmp_path / "sw"
+    r = subprocess.run(_foe("cluster", "sweep", "--preset", "tiny", "--factors", "0.5,2", "--repeats", "1",
+                            "--seqs", "2", "--length", "16", "--out", str(out)), env=_env(tmp_path),
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    result = json.loads((out / "crossover.json").read_text())
+    low, high = sorted(result["points"], key=lambda p: p["factor"])
+    assert high["inter_mbit"] == pytest.approx(4 * low["inter_mbit"])
+    assert low["q"] == pytest.approx(4 * high["q"])
+    for p in (low, high):
+        assert set(p["measured_ratio"]) == set(p["predicted_ratio"]) == {"ep", "tp"}
+        assert p["bytes_inter"]["gp"] > 0
+    assert (out / "crossover.png").stat().st_size > 10_000
+    assert not namespaces("foesw-")

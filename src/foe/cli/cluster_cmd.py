@@ -30,7 +30,24 @@ def _add_spec_args(p: argparse.ArgumentParser) -> None:
                    help="each rank's rate to ranks of its node, Mbit/s per direction (default: unshaped)")
     g.add_argument("--inter-mbit", type=float_in(0, float("inf"), lo_open=True), default=None,
                    help="each rank's rate to ranks of other nodes, Mbit/s per direction (default: unshaped)")
-    g.add_argument("--mtu", type=at_least(576, 65535), default=1500, help="veth MTU, bytes (default 1500)")
+    g.add_argument("--mtu", type=at_least(576, 65535), default=9000,
+                   help="veth MTU, bytes (default 9000): what the links can carry at all grows with it, and so "
+                        "does the shaper's granularity of one packet")
+    _add_scaling_args(p)
+
+
+def _add_scaling_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("rates from a rule", "--scaled-to h100: the rates at which moving a layer's "
+                             "activations takes the same fraction of a layer's compute here (for --preset) as "
+                             "for the 7b preset on 8x H100 with NVLink and NDR InfiniBand; the arithmetic is "
+                             "printed (docs/emulated-cluster.md)")
+    g.add_argument("--scaled-to", choices=("h100",), default=None, help="derive both rates by that rule")
+    g.add_argument("--preset", default="small", help="the model the cluster will run (default small)")
+    g.add_argument("--phase", choices=("prefill", "decode"), default="prefill",
+                   help="the phase the quotient is matched for (default prefill)")
+    g.add_argument("--seqs", type=at_least(1), default=4, help="sequences of that forward (default 4)")
+    g.add_argument("--length", type=at_least(1), default=64,
+                   help="prefill: new tokens per sequence; decode: cached tokens (default 64)")
 
 
 def _add_name(p: argparse.ArgumentParser) -> None:
@@ -57,6 +74,24 @@ def register(commands: argparse._SubParsersAction, bench: argparse._SubParsersAc
     _add_name(p)
     _add_spec_args(p)
     p.set_defaults(func=up)
+    p = sub.add_parser("rates", help="print the link rates --scaled-to h100 derives, with the arithmetic")
+    p.add_argument("--nodes", type=at_least(1), default=2, help="nodes (default 2)")
+    p.add_argument("--ranks-per-node", type=at_least(1), default=1, help="ranks per node (default 1)")
+    _add_scaling_args(p)
+    p.set_defaults(func=rates, scaled_to="h100")
+    p = sub.add_parser("sweep", help="the crossover: bench forward at inter-node rates around the H100-scaled one",
+                       description="For each factor, bring up a cluster whose inter-node rate is that factor x "
+                                   "the --scaled-to h100 rate, run foe bench forward (ep, tp, gp) on it, tear it "
+                                   "down; plot MoE/FoE latency against the comm/compute quotient with the cost "
+                                   "model's curve. Writes crossover.json and crossover.png under --out.")
+    p.add_argument("--nodes", type=at_least(2), default=2, help="nodes (default 2)")
+    p.add_argument("--ranks-per-node", type=at_least(1), default=1, help="ranks per node (default 1)")
+    p.add_argument("--factors", default="0.03,0.1,0.3,1,3", help="multiples of the scaled inter-node rate "
+                                                                  "(default 0.03,0.1,0.3,1,3)")
+    p.add_argument("--repeats", type=at_least(1), default=5, help="timed forwards per strategy (default 5)")
+    p.add_argument("--out", default="runs/crossover", help="output directory (default runs/crossover)")
+    _add_scaling_args(p)
+    p.set_defaults(func=sweep, scaled_to="h100")
     p = sub.add_parser("down", help="kill what runs in the cluster and delete its namespaces (idempotent)")
     _add_name(p)
     p.set_defaults(func=down)
@@ -79,8 +114,29 @@ def register(commands: argparse._SubParsersAction, bench: argparse._SubParsersAc
 
 def _spec(args: argparse.Namespace):  # noqa: ANN202
     from foe.cluster.topology import ClusterSpec
-    return ClusterSpec(name=args.name, nodes=args.nodes, ranks_per_node=args.ranks_per_node,
+    spec = ClusterSpec(name=args.name, nodes=args.nodes, ranks_per_node=args.ranks_per_node,
                        intra_mbit=args.intra_mbit, inter_mbit=args.inter_mbit, mtu=args.mtu)
+    if args.scaled_to is None:
+        return spec
+    if args.intra_mbit is not None or args.inter_mbit is not None:
+        raise ValueError("--scaled-to derives both rates: drop --intra-mbit and --inter-mbit")
+    from foe.cluster.scaling import with_rates
+    return with_rates(spec, _scaled(args))
+
+
+def _scaled(args: argparse.Namespace):  # noqa: ANN202
+    from foe.cluster.scaling import Shape, scaled_to_h100
+    rates = scaled_to_h100(args.preset, Shape(args.phase, args.seqs, args.length),
+                           ranks=args.nodes * args.ranks_per_node)
+    print("\n".join(rates.arithmetic), file=sys.stderr, flush=True)
+    return rates
+
+
+def rates(args: argparse.Namespace) -> int:
+    r = _scaled(args)
+    print(f"--intra-mbit {r.intra_mbit:.3f} --inter-mbit {r.inter_mbit:.3f}   ({r.phase}; bands: "
+          + ", ".join(f"{k} {lo:.3f}-{hi:.3f}" for k, (lo, hi) in r.band.items()) + ")")
+    return 0
 
 
 def _command(args: argparse.Namespace) -> list[str]:
@@ -151,3 +207,19 @@ def run(args: argparse.Namespace) -> int:
     finally:
         tear_down(spec.name)
         forget_spec(spec.name)
+
+
+def sweep(args: argparse.Namespace) -> int:
+    from foe.cli.common import number_list
+    from foe.cluster.crossover import SweepConfig, run_sweep, table
+    from foe.cluster.netns import check_permitted
+    from foe.cluster.scaling import Shape
+    check_permitted()
+    factors = number_list(float, "factors", positive=True)(args.factors)
+    cfg = SweepConfig(preset=args.preset, nodes=args.nodes, ranks_per_node=args.ranks_per_node, factors=factors,
+                      shape=Shape(args.phase, args.seqs, args.length), repeats=args.repeats, out_dir=args.out)
+    _stop_on_signals()
+    result = run_sweep(cfg)
+    print(table(result))
+    print(f"wrote {args.out}/crossover.json and {args.out}/crossover.png")
+    return 0

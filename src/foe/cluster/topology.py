@@ -25,7 +25,7 @@ class ClusterSpec:
     ranks_per_node: int = 1
     intra_mbit: float | None = None
     inter_mbit: float | None = None
-    mtu: int = 1500
+    mtu: int = 9000  # jumbo frames: veth carries ~1.5 Gbit/s here at 9000 against ~0.3 at 1500 (GSO off)
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[a-z][a-z0-9]{0,7}", self.name):
