@@ -79,7 +79,7 @@ def h100_layer_seconds(shape: Shape, gemm_efficiency: float) -> float:
     return forward_time(cfg, "gp", cluster, batch, load_routing_stats()).layer.compute
 
 
-def measured_layer_seconds(preset: str, shape: Shape, ranks: int, threads: int, repeats: int = 5) -> float:
+def measured_layer_seconds(preset: str, shape: Shape, ranks: int, threads: int, repeats: int = 20) -> float:
     """One rank's share of one FoE layer of `preset` here: the best forward time over `repeats`, per
     layer, divided by the ranks (group parallelism splits a layer's groups evenly)."""
     import torch
