@@ -2,6 +2,10 @@
 around the H100-scaled point, against the communication-to-compute quotient q, with the cost model's
 prediction for the same emulated cluster on the same axes (`foe cluster sweep`).
 
+The prediction is out of sample: for each point the cost model is fitted only on micro-benchmarks (one
+rank's GEMMs, copy and single-process forwards, measured once; the shaped link's all-reduce and
+all-to-all, measured on that cluster), never on a forward of the sweep, and then predicts each forward.
+
 For each factor f the cluster's inter-node rate is f x the `--scaled-to h100` rate (intra-node stays at the
 scaled rate, or what the veth carries). `foe bench forward` then runs `ep`, `tp` and `gp` side by side on it.
 Each point is plotted at q = (T x d_model x 4 B / rate) / t_here, where t_here is the same measured
@@ -20,7 +24,6 @@ from foe.cluster.jobs import forget_spec, run_job, save_spec
 from foe.cluster.netns import bring_up, tear_down
 from foe.cluster.scaling import Shape, scaled_to_h100
 from foe.cluster.topology import ClusterSpec
-from foe.config import ModelConfig
 
 STRATEGIES = ("ep", "tp", "gp")
 
@@ -52,25 +55,38 @@ def _bench_argv(cfg: SweepConfig, out: Path) -> list[str]:
             "--warmup", "2", "--out", str(out)]
 
 
-def predicted(cfg: SweepConfig, inter_bytes_per_s: float, intra_bytes_per_s: float | None) -> dict[str, float]:
-    """The cost model's forward latency (s) per strategy on the emulated cluster: this machine's calibrated
-    `cpu-gloo` compute, with the links at the emulated rates."""
-    from foe.sim.batch import Batch
-    from foe.sim.cost_model import forward_time
-    from foe.sim.hardware import get_cluster
+COLLECTIVE_SIZES = "16384,131072,1048576"  # bytes per rank: the micro-benchmark on each shaped link
+
+
+def measure_one_rank(preset: str) -> dict:
+    """This machine's compute micro-benchmarks, one process and one thread: GEMMs, a copy, single-process
+    forwards of the preset (what `foe.sim.calibrate` fits compute on)."""
+    from foe.sim.measure_cpu import measure_compute, measure_forward
+    return {"compute": measure_compute(reps=5), "forward": measure_forward(preset, reps=3)}
+
+
+def fitted_cluster(one_rank: dict, collectives: list[dict]):  # noqa: ANN201
+    """The cost model fitted on micro-benchmarks only: one rank's compute and this link's collectives."""
+    from foe.sim.calibrate import calibrate
+    from foe.sim.hardware import Cluster
+    return Cluster.from_dict(calibrate({**one_rank, "collectives": collectives})["micro_cluster"])
+
+
+def predict_runs(bench_json: Path, cluster) -> dict[str, float]:  # noqa: ANN001
+    """The fitted cost model's forward latency (s) for each strategy of a `foe bench forward` run."""
+    from foe.sim.calibrate import _bench_pred, load_bench_rows
     from foe.sim.imbalance import load_routing_stats
-    base = get_cluster("cpu-gloo")
-    inter = dataclasses.replace(base.inter, bandwidth=inter_bytes_per_s, efficiency=1.0)
-    intra = base.intra if intra_bytes_per_s is None else dataclasses.replace(base.intra, bandwidth=intra_bytes_per_s,
-                                                                             efficiency=1.0)
-    cluster = base.replace(nodes=cfg.nodes, devices_per_node=cfg.ranks_per_node, inter=inter, intra=intra)
-    sh = cfg.shape
-    batch = Batch.prefill(sh.seqs, sh.length) if sh.phase == "prefill" else Batch.decode(sh.seqs, sh.length)
-    out = {}
-    for s in STRATEGIES:
-        model = ModelConfig.from_preset(cfg.preset, arch="foe" if s == "gp" else "moe")
-        out[s] = forward_time(model, s, cluster, batch, load_routing_stats()).total
-    return out
+    routing = load_routing_stats()
+    return {r["strategy"]: _bench_pred(r, cluster, routing).total for r in load_bench_rows(bench_json)}
+
+
+def errors(points: list[dict]) -> dict[str, float]:
+    """Median relative errors of the predicted latencies and MoE/FoE ratios."""
+    import statistics
+    lat = [abs(p["predicted_s"][s] / p["measured_s"][s] - 1) for p in points for s in STRATEGIES]
+    rat = [abs(p["predicted_ratio"][s] / p["measured_ratio"][s] - 1) for p in points for s in ("ep", "tp")]
+    return {"latency_median": statistics.median(lat), "ratio_median": statistics.median(rat),
+            "latency_max": max(lat), "ratio_max": max(rat)}
 
 
 def run_sweep(cfg: SweepConfig) -> dict:
@@ -80,6 +96,8 @@ def run_sweep(cfg: SweepConfig) -> dict:
     world = cfg.nodes * cfg.ranks_per_node
     scaled = scaled_to_h100(cfg.preset, cfg.shape, ranks=world)
     print("\n".join(scaled.arithmetic), file=sys.stderr, flush=True)
+    print("foe cluster sweep: one rank's compute micro-benchmarks", file=sys.stderr, flush=True)
+    one_rank = measure_one_rank(cfg.preset)
     points = []
     for f in cfg.factors:
         inter = scaled.inter_mbit * f
@@ -93,6 +111,10 @@ def run_sweep(cfg: SweepConfig) -> dict:
         try:
             save_spec(spec)
             code = run_job(spec, _bench_argv(cfg, run), out / f"f{f:g}-ranks", timeout_s=3600)
+            if code == 0:  # the link's micro-benchmark, on the same cluster
+                code = run_job(spec, [sys.executable, "-m", "foe.sim.measure_cpu", "--collectives-only", "--reps",
+                                      "3", "--sizes", COLLECTIVE_SIZES, "--out", str(run) + "-collectives.json"],
+                               out / f"f{f:g}-ranks", timeout_s=3600)
         finally:
             tear_down(spec.name)
             forget_spec(spec.name)
@@ -100,7 +122,8 @@ def run_sweep(cfg: SweepConfig) -> dict:
             raise RuntimeError(f"bench forward failed at x{f:g} (exit code {code}); logs in {out}")
         rows = {r["strategy"]: r for r in json.loads(run.with_suffix(".json").read_text())["results"]}
         measured = {s: rows[s]["latency_ms_median"] / 1e3 for s in STRATEGIES}
-        pred = predicted(cfg, inter * 1e6 / 8, None if intra is None else intra * 1e6 / 8)
+        collectives = json.loads(Path(str(run) + "-collectives.json").read_text())["collectives"]
+        pred = predict_runs(run.with_suffix(".json"), fitted_cluster(one_rank, collectives))
         points.append({"factor": f, "inter_mbit": inter, "intra_mbit": intra,
                        "q": scaled.quotient(inter),
                        "measured_s": measured, "predicted_s": pred,
@@ -108,7 +131,10 @@ def run_sweep(cfg: SweepConfig) -> dict:
                        "predicted_ratio": {s: pred[s] / pred["gp"] for s in ("ep", "tp")},
                        "bytes_inter": {s: rows[s]["bytes_per_token_per_layer_inter"] for s in STRATEGIES}})
     result = {"config": {**dataclasses.asdict(cfg)}, "scaled": dataclasses.asdict(scaled),
-              "q_h100": scaled.quotient(scaled.inter_mbit), "points": points}
+              "q_h100": scaled.quotient(scaled.inter_mbit), "points": points, "errors": errors(points),
+              "cost_model": "foe.sim fitted per point on micro-benchmarks only: one rank's GEMMs, copy and "
+                            "single-process forwards, and that link's all-reduce/all-to-all at "
+                            f"{COLLECTIVE_SIZES} bytes; no forward run of the sweep is used"}
     (out / "crossover.json").write_text(json.dumps(result, indent=2) + "\n")
     plot(result, out / "crossover.png")
     return result
@@ -121,6 +147,9 @@ def table(result: dict) -> str:
         m, s = p["measured_ratio"], p["predicted_ratio"]
         lines.append(f"{p['factor']:>11g}  {p['inter_mbit']:>12.1f}  {p['q']:>6.3f}  {m['ep']:>9.2f}x  {s['ep']:>8.2f}x  "
                      f"{m['tp']:>9.2f}x  {s['tp']:>8.2f}x  {p['measured_s']['gp'] * 1e3:>7.1f}")
+    e = result["errors"]
+    lines.append(f"cost model fitted on micro-benchmarks only: median error {e['latency_median']:.0%} over latencies "
+                 f"(max {e['latency_max']:.0%}), {e['ratio_median']:.0%} over MoE/FoE ratios (max {e['ratio_max']:.0%})")
     return "\n".join(lines)
 
 
@@ -134,7 +163,7 @@ def plot(result: dict, path: Path) -> Path:
     for s, color in (("ep", "tab:blue"), ("tp", "tab:orange")):
         ax.plot(q, [p["measured_ratio"][s] for p in pts], "o-", color=color, label=f"MoE {s} / FoE gp, measured")
         ax.plot(q, [p["predicted_ratio"][s] for p in pts], "--", color=color, alpha=0.7,
-                label=f"MoE {s} / FoE gp, cost model")
+                label=f"MoE {s} / FoE gp, cost model (fit on micro-benchmarks)")
     ax.axhline(1.0, color="grey", lw=0.8)
     ax.axvline(result["q_h100"], color="black", lw=1, ls=":", label="the 7b-on-H100 quotient")
     ax.set_xscale("log")

@@ -131,7 +131,7 @@ def load_bench_rows(path: str | Path) -> list[dict]:
         for r in results:
             prefill = r["mode"] == "prefill"
             rows.append(dict(strategy=r["strategy"], model=model, preset=cfg["preset"], ranks=int(cfg["nproc"]),
-                             ranks_per_node=int(cfg.get("ranks_per_node") or cfg["nproc"]),
+                             ranks_per_node=int(cfg.get("ranks_per_node") or cfg["nproc"] // cfg.get("nnodes", 1)),
                              seqs=int(r["batch"]), seq_len=int(cfg["seq_len"]) if prefill else 1,
                              context=0 if prefill else int(cfg["context_len"]), mode=r["mode"],
                              seconds=float(r["latency_ms_median"]) / 1e3))

@@ -40,10 +40,10 @@ def _time(fn, reps: int, best: bool = False) -> float:
     return min(ts) if best else statistics.median(ts)
 
 
-def _collectives(rank: int, world: int, reps: int) -> list[dict]:
+def _collectives(rank: int, world: int, reps: int, sizes: tuple[int, ...] = SIZES) -> list[dict]:
     import torch.distributed as dist
     res = []
-    for n in SIZES:
+    for n in sizes:
         x = torch.ones(n // 4)
         y = torch.empty_like(x)
         for op, fn in (("all_reduce", lambda: dist.all_reduce(x)),
@@ -78,6 +78,8 @@ def measure_forward(preset: str, reps: int) -> list[dict]:
         cfg = ModelConfig.from_preset(preset, arch=arch)
         model = Transformer(cfg).eval()
         for seqs, length in ((1, 64), (4, 128), (8, 256), (16, 512)):
+            if length > cfg.max_seq_len:
+                continue
             ids = torch.randint(0, cfg.vocab_size, (seqs, length))
             last = torch.arange(seqs) * length + length - 1
             with torch.no_grad():
@@ -93,12 +95,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--preset", default="small")
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--out", type=Path, default=OUT)
+    p.add_argument("--sizes", default=",".join(map(str, SIZES)), help="collective sizes, bytes per rank")
+    p.add_argument("--collectives-only", action="store_true",
+                   help="only the collectives: on the ranks torchrun (or `foe cluster job`) started, when it did")
     args = p.parse_args(argv)
     tune_malloc()  # the same allocator settings as the `foe` commands whose runs this calibrates against
     from foe.parallel import run_ranks
-    coll = run_ranks(_collectives, 2, args.reps, threads_per_rank=1)[0]
+    from foe.parallel.rendezvous import Rendezvous
+    sizes = tuple(int(x) for x in args.sizes.split(","))
+    coll = run_ranks(_collectives, Rendezvous.from_env() or 2, args.reps, sizes, threads_per_rank=1)
+    if coll is None:  # a rank other than 0: rank 0 writes
+        return 0
+    coll = coll[0]
     for c in coll:
         print(f"{c['op']:10s} {c['ranks']} ranks {c['bytes']:>8d} B: {c['seconds'] * 1e3:.3f} ms")
+    if args.collectives_only:
+        write_measurement(args.out, "foe.sim.measure_cpu", argv, torch=torch.__version__, threads_per_process=1,
+                          dtype="float32", collectives=coll)
+        return 0
     comp = measure_compute(args.reps)
     print(f"matmul GFLOP/s: {[round(m['flops_per_s'] / 1e9, 1) for m in comp['matmul']]}; "
           f"copy {comp['copy']['bytes_per_s'] / 1e9:.1f} GB/s")
