@@ -13,7 +13,7 @@ import torch.distributed as dist
 import foe.parallel.comm
 from foe.device import synced_clock
 from foe.parallel.comm import Comm, Group
-from foe.parallel.mesh import ParallelDims
+from foe.placement import ParallelDims
 
 
 def test_synced_clock_is_the_plain_clock_on_the_cpu() -> None:

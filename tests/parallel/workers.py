@@ -87,3 +87,19 @@ def raising_worker(rank: int, world: int) -> None:
     if rank == 1:
         raise ValueError("rank 1 says no")
     dist.recv(torch.zeros(1), src=1)
+
+
+def collective_count_worker(rank: int, world: int, cases: list[dict]) -> list[dict[str, int]]:
+    """For each case, the collectives one prefill forward issued on this rank, by op."""
+    from collections import Counter
+    out = []
+    for case in cases:
+        cfg = ModelConfig.from_preset("tiny", **case["cfg"])
+        dims = ParallelDims(world_size=world, **case["dims"])
+        model = build(cfg, seed=3)
+        comm = parallelize(model, dims, rank)
+        rows = shard_rows(4, dims.dp_size, None)[dims.dp_rank(rank)]
+        with torch.no_grad():
+            model(case_tokens(cfg, 4, 6)[rows])
+        out.append(dict(Counter(r.op for r in comm.ledger.records)))
+    return out

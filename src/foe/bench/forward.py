@@ -213,7 +213,7 @@ def run_forward_bench(bc: ForwardBenchConfig, rdzv: Rendezvous | None = None, sh
     return {"config": {**asdict(bc), "model": cfg.to_dict()},
             "machine": {"torch": torch.__version__, "cpus": os.cpu_count(), "device": bc.device,
                         "threads_per_rank": threads_per_rank(rdzv.nproc), "hosts": hosts},
-            "layout": {s: bc.dims(s).describe() for s in bc.strategies},
+            "layout": {s: bc.dims(s).describe(bc.model_config(s)) for s in bc.strategies},
             "wall_seconds": time.time() - t0, "results": rows, "ratios": ratios(rows)}
 
 

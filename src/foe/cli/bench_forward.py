@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     bc.validate()
     if first:
         for s in bc.strategies:
-            print(f"  {s}: {bc.dims(s).describe()}")
+            print(f"  {s}: {bc.dims(s).describe(bc.model_config(s))}")
     result = run_forward_bench(bc, rdzv, show_progress=first)
     if result is None:  # not rank 0's node or process: rank 0 reports
         return 0

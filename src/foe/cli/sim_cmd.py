@@ -130,6 +130,22 @@ def clusters(args: argparse.Namespace) -> int:
     return 0
 
 
+def _runnable(args: argparse.Namespace, strategies: list[str], cluster) -> list[str]:  # noqa: ANN001
+    """The strategies whose placement the code would run on this cluster; the others are named and skipped
+    (gp must run: it is the baseline of the ratios)."""
+    from foe.sim.cost_model import ARCH_OF, layout
+    keep = []
+    for s in strategies:
+        try:
+            layout(_config(args, ARCH_OF[s]), s, cluster)
+            keep.append(s)
+        except ValueError as e:
+            if s == "gp":
+                raise
+            print(f"{s}: skipped on {cluster.world} ranks: {e}")
+    return keep
+
+
 def forward(args: argparse.Namespace) -> int:
     from foe.sim.batch import Batch
     from foe.sim.cost_model import ARCH_OF, forward_time
@@ -145,21 +161,22 @@ def forward(args: argparse.Namespace) -> int:
     curves: dict[str, tuple[list[int], list[float]]] = {}
     for nodes in args.nodes:
         cl = _cluster(args, nodes)
+        runnable = _runnable(args, strategies, cl)
         res = {s: [forward_time(_config(args, ARCH_OF[s]), s, cl,
                                 Batch.prefill(b, args.seq_len) if args.mode == "prefill" else Batch.decode(b, args.context),
-                                routing, args.algo) for b in args.batch_sizes] for s in strategies}
+                                routing, args.algo) for b in args.batch_sizes] for s in runnable}
         print(f"\n{args.preset} on {cl.nodes} x {cl.devices_per_node} {cl.name}, {args.mode} "
               f"({'seq ' + str(args.seq_len) if args.mode == 'prefill' else 'context ' + str(args.context)}); "
               f"per-layer parts in us")
-        _print(forward_rows([f for s in strategies for f in res[s]]))
-        for s in strategies:
+        _print(forward_rows([f for s in runnable for f in res[s]]))
+        for s in runnable:
             if s != "gp":
                 curves[f"{s}/gp, {cl.world} GPUs"] = (args.batch_sizes, [a.total / g.total for a, g in zip(res[s], res["gp"])])
         mid = len(args.batch_sizes) // 2
-        plot_breakdown([res[s][i] for i in (0, mid, len(args.batch_sizes) - 1) for s in strategies],
+        plot_breakdown([res[s][i] for i in (0, mid, len(args.batch_sizes) - 1) for s in runnable],
                        f"{args.preset} {args.mode}, {cl.world} x {cl.name}: forward-pass breakdown",
                        args.out / f"breakdown_{args.mode}_{cl.world}.png")
-        out["runs"][str(nodes)] = {s: [f.to_dict() for f in res[s]] for s in strategies}
+        out["runs"][str(nodes)] = {s: [f.to_dict() for f in res[s]] for s in runnable}
     plot_speedup(curves, f"{args.preset} {args.mode}: predicted speedup of FoE (gp) over MoE",
                  args.out / f"speedup_{args.mode}.png")
     (args.out / f"forward_{args.mode}.json").write_text(json.dumps(out, indent=1) + "\n")

@@ -144,7 +144,7 @@ def serve_forever(spec: ModelSpec, dims: ParallelDims, cfg: SchedulerConfig, ser
     port = sock.getsockname()[1]
 
     def banner() -> None:
-        print(f"foe serve: {server_cfg.model_name} ({spec.model_config.arch}, {dims.describe()}) on "
+        print(f"foe serve: {server_cfg.model_name} ({spec.model_config.arch}, {dims.describe(spec.model_config)}) on "
               f"http://{server_cfg.host}:{port}  [KV: {cfg.num_blocks} blocks x {cfg.block_size} tokens"
               f" per shard; engine core pid {core.pid}]", flush=True)
     try:

@@ -240,7 +240,7 @@ def serve_node(spec: ModelSpec, dims: ParallelDims, rdzv: Rendezvous, num_blocks
     rdzv = replace(rdzv, device=spec.device)
     host = rdzv.host()
     _say(f"node {rdzv.node_rank} of {rdzv.nnodes} on {host}: ranks {rdzv.local_ranks[0]}..{rdzv.local_ranks[-1]} "
-         f"of {rdzv.world_size} ({dims.describe()}); waiting for node 0 at {rdzv.endpoint} (the API is served there)")
+         f"of {rdzv.world_size} ({dims.describe(spec.model_config)}); waiting for node 0 at {rdzv.endpoint} (the API is served there)")
     store = connect_store(rdzv)
     threads = threads or threads_per_rank(rdzv.nproc)
     ranks = LocalRanks(_worker_main, rdzv.local_ranks, (dims, rdzv, spec, num_blocks, block_size, threads), rdzv,

@@ -18,7 +18,7 @@ from foe.model.transformer import Transformer
 from foe.parallel.accounting import CommLedger, CommRecord
 from foe.parallel.comm import Comm
 from foe.parallel.launch import init_distributed, run_ranks
-from foe.parallel.mesh import STRATEGIES, ParallelDims
+from foe.placement import STRATEGIES, ParallelDims
 from foe.parallel.strategies import APPLY
 
 

@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from foe.device import synced_clock
 from foe.parallel.accounting import CommLedger, CommRecord, ring_all_reduce_bytes
-from foe.parallel.mesh import ParallelDims
+from foe.placement import ParallelDims
 
 
 @dataclass

@@ -28,10 +28,10 @@ This file knows nothing about serving; serving.py calls `forward_time` once per 
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field
 
 from foe.config import ModelConfig
+from foe.placement import ParallelDims
 from foe.sim.batch import Batch, Segment
 from foe.sim.collectives import Algo, allreduce, alltoall
 from foe.sim.hardware import Cluster
@@ -60,33 +60,26 @@ class Layout:
 
 
 def layout(cfg: ModelConfig, strategy: str, cluster: Cluster) -> Layout:
+    """The placement `foe.parallel` would run (`foe.placement.ParallelDims`, validated by the code's own rules)
+    in the cost model's terms. gp puts R = P / groups ranks on a group when there are more ranks than groups."""
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     if cfg.arch != ARCH_OF[strategy]:
         raise ValueError(f"strategy {strategy} runs arch {ARCH_OF[strategy]}, config is {cfg.arch}")
-    P, dpn, nodes = cluster.world, cluster.devices_per_node, cluster.nodes
-    H = cfg.n_kv_heads
+    P, dpn, nodes, H = cluster.world, cluster.devices_per_node, cluster.nodes, cfg.n_kv_heads
+    R = P // H if strategy == "gp" and P > H else 1
+    dims = ParallelDims(strategy, P, R, dpn if nodes > 1 else None)
+    dims.validate(cfg)
+    calls = dims.collectives(cfg)
+    reduces = (calls.get("all_reduce", 0) - (1 if strategy == "gp" and cfg.sync == "attention" else 0)) // cfg.n_layers
     if strategy == "ep":
-        if cfg.n_experts % P:
-            raise ValueError(f"ep needs n_experts ({cfg.n_experts}) divisible by the {P} ranks")
-        return Layout(strategy, P, P, cfg.n_heads, H, 1, P, dpn, nodes, 1, 1, 0)
+        return Layout(strategy, P, P, cfg.n_heads, H, 1, P, dpn, nodes, 1, 1, reduces)
     if strategy == "tp":
-        if cfg.n_experts % P or cfg.n_heads % P:
-            raise ValueError(f"tp needs n_experts ({cfg.n_experts}) and n_heads ({cfg.n_heads}) divisible by {P} ranks")
-        return Layout(strategy, P, 1, cfg.n_heads // P, math.ceil(H / P), 1, P, 1, 1, dpn, nodes, 2)
-    # gp
-    if P % H and H % P:
-        raise ValueError(f"gp needs the {P} ranks to be a multiple or divisor of the {H} groups")
-    n_sync = 2 if cfg.sync == "both" else 1
-    if P <= H:  # H/P whole groups per rank; each group is one domain on one rank
+        return Layout(strategy, P, 1, cfg.n_heads // P, H // P, 1, P, 1, 1, dpn, nodes, reduces)
+    if R == 1:  # H/P whole groups per rank; each group is one domain on one rank
         g = H // P
-        return Layout(strategy, P, 1, g * cfg.n_heads // H, g, H, 1, 1, 1, dpn, nodes, n_sync)
-    R = P // H
-    if dpn % R:
-        raise ValueError(f"gp puts a group's {R} ranks in one node; {dpn} devices per node is not a multiple")
-    if cfg.experts_per_group % R:
-        raise ValueError(f"gp needs the {cfg.experts_per_group} experts per group divisible by {R} ranks per group")
-    return Layout(strategy, P, R, cfg.n_heads // H, 1, H, R, R, 1, dpn // R, nodes, n_sync)
+        return Layout(strategy, P, 1, g * cfg.n_heads // H, g, H, 1, 1, 1, dpn, nodes, reduces)
+    return Layout(strategy, P, R, cfg.n_heads // H, 1, H, R, R, 1, dpn // R, nodes, reduces)
 
 
 @dataclass
@@ -198,7 +191,9 @@ def forward_time(cfg: ModelConfig, strategy: str, cluster: Cluster, batch: Batch
         worst = max(max(tok) / max(T / lay.dp, 1e-9), imb)
         a2a_max = counts + 2 * alltoall(worst * (T / lay.dp) * per_tok, lay.a2a_ranks_per_node, lay.a2a_nodes, cluster)
 
-    ar_msg = (T / lay.dp) * d * b
+    # each data-parallel shard all-reduces its own tokens, and the layer waits for the fullest shard (a lone
+    # prompt on one rank all-reduces all of its tokens)
+    ar_msg = max(tok) * d * b
     ar_one = allreduce(ar_msg, lay.ar_ranks_per_node, lay.ar_nodes, cluster, algo)
     layer = LayerTime(
         compute=attn_mean + exp_mean,

@@ -1,4 +1,6 @@
-"""Which rank holds what: a validated description of a parallel launch, and its process groups.
+"""Which rank holds what: a validated description of a parallel launch (`ParallelDims`), and the
+collectives it issues. Torch-free: `foe.parallel` applies it to a model, and the cost model (`foe.sim`)
+predicts from it, so the sim models exactly the layouts the code runs.
 
 Rank layout for `gp` (FoE): P = S x R ranks, S group-sets of R ranks; set i holds groups
 [i*G/S, (i+1)*G/S) and its R ranks share that group's sequences (data parallel) and experts (expert
@@ -93,13 +95,31 @@ class ParallelDims:
                 raise ValueError(f"gp with ranks_per_group={R} needs experts per group ({cfg.experts_per_group}) "
                                  f"divisible by {R}")
 
-    def describe(self) -> str:
+    def collectives(self, cfg: ModelConfig) -> dict[str, int]:
+        """The calls one forward issues on each rank, by op (as `foe.parallel`'s ledger names them):
+        all_reduce, all_to_all (dispatch and combine) and all_to_all_counts (the row-count exchange)."""
+        n, s = cfg.n_layers, self.strategy
+        a2a = s == "ep" or (s == "gp" and self.ranks_per_group > 1)
+        if s == "tp":
+            reduces = 2 * n
+        elif s == "gp" and self.num_sets > 1:
+            reduces = (2 if cfg.sync == "both" else 1) * n + (1 if cfg.sync == "attention" else 0)
+        else:
+            reduces = 0
+        out = {"all_reduce": reduces, "all_to_all": 2 * n if a2a else 0, "all_to_all_counts": n if a2a else 0}
+        return {op: k for op, k in out.items() if k}
+
+    def describe(self, cfg: ModelConfig | None = None) -> str:
+        """E.g. "gp on 2 rank(s), 1 node(s) of 2: 1 all-reduce across groups per layer (+1 before the head)";
+        with `cfg`, the all-reduces its sync mode adds are counted."""
+        sync = cfg.sync if cfg is not None else "attention"
+        gp_reduces = {"attention": "1 all-reduce across groups per layer, +1 before the head",
+                      "moe": "1 all-reduce across groups per layer", "both": "2 all-reduces across groups per layer"}
         per_layer = {
             "none": "no collectives",
-            "ep": "2 all-to-all (dispatch, combine) over all ranks + a count exchange",
-            "tp": "2 all-reduce (after attention, after the MoE) over all ranks",
-            "gp": "1 all-reduce across groups" + (
-                "; 2 all-to-all inside each group (+ count exchange)" if self.ranks_per_group > 1 else ""),
+            "ep": "2 all-to-all (dispatch, combine) over all ranks + a count exchange per layer",
+            "tp": "2 all-reduce (after attention, after the MoE) over all ranks per layer",
+            "gp": gp_reduces[sync] + ("; 2 all-to-all inside each group (+ count exchange) per layer"
+                                      if self.ranks_per_group > 1 else ""),
         }[self.strategy]
-        return (f"{self.strategy} on {self.world_size} rank(s), {self.num_nodes} node(s) of {self.node_size}: "
-                f"{per_layer} per layer")
+        return f"{self.strategy} on {self.world_size} rank(s), {self.num_nodes} node(s) of {self.node_size}: {per_layer}"
