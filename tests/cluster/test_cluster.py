@@ -193,3 +193,15 @@ def test_a_sweep_runs_every_factor_and_tears_down(tmp_path: Path) -> None:
         assert p["bytes_inter"]["gp"] > 0
     assert (out / "crossover.png").stat().st_size > 10_000
     assert not namespaces("foesw-")
+
+
+def test_a_driver_runs_once_in_rank_0s_namespace(name: str, tmp_path: Path) -> None:
+    """--driver: one process, in rank 0's namespace (its address is 10.79.0.1), with FOE_CLUSTER naming the
+    cluster, which `foe bench compare --cluster` reads to start its servers as jobs on every rank."""
+    probe = ("import os, socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.connect(('10.79.1.1', 9)); "
+             "print(os.environ['FOE_CLUSTER'], s.getsockname()[0])")
+    r = subprocess.run(_foe("cluster", "run", "--name", name, "--nodes", "2", "--driver", "--", sys.executable, "-c",
+                            probe), env=_env(tmp_path), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == [name, "10.79.0.1"]
+    assert not namespaces(f"{name}-")

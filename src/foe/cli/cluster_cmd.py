@@ -90,6 +90,10 @@ def register(commands: argparse._SubParsersAction, bench: argparse._SubParsersAc
                                                                   "(default 0.03,0.1,0.3,1,3)")
     p.add_argument("--repeats", type=at_least(1), default=5, help="timed forwards per strategy (default 5)")
     p.add_argument("--out", default="runs/crossover", help="output directory (default runs/crossover)")
+    p.add_argument("--serving", action="store_true",
+                   help="sweep foe bench compare (TTFT, TBT, E2E of MoE ep vs FoE gp) instead of bench forward")
+    p.add_argument("--num-prompts", type=at_least(1), default=16, help="--serving: requests per scale (default 16)")
+    p.add_argument("--scales", default="0.5,1.5", help="--serving: arrival scales, s (default 0.5,1.5)")
     _add_scaling_args(p)
     p.set_defaults(func=sweep, scaled_to="h100")
     p = sub.add_parser("down", help="kill what runs in the cluster and delete its namespaces (idempotent)")
@@ -211,7 +215,7 @@ def run(args: argparse.Namespace) -> int:
 
 def sweep(args: argparse.Namespace) -> int:
     from foe.cli.common import number_list
-    from foe.cluster.crossover import SweepConfig, run_sweep, table
+    from foe.cluster.crossover import SweepConfig, run_serving_sweep, run_sweep, serving_table, table
     from foe.cluster.netns import check_permitted
     from foe.cluster.scaling import Shape
     check_permitted()
@@ -219,6 +223,11 @@ def sweep(args: argparse.Namespace) -> int:
     cfg = SweepConfig(preset=args.preset, nodes=args.nodes, ranks_per_node=args.ranks_per_node, factors=factors,
                       shape=Shape(args.phase, args.seqs, args.length), repeats=args.repeats, out_dir=args.out)
     _stop_on_signals()
+    if args.serving:
+        result = run_serving_sweep(cfg, args.num_prompts, number_list(float, "scales", positive=True)(args.scales))
+        print(serving_table(result))
+        print(f"wrote {args.out}/serving_crossover.json and {args.out}/serving_crossover.png")
+        return 0
     result = run_sweep(cfg)
     print(table(result))
     print(f"wrote {args.out}/crossover.json and {args.out}/crossover.png")

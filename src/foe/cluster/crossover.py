@@ -140,6 +140,81 @@ def run_sweep(cfg: SweepConfig) -> dict:
     return result
 
 
+def run_serving_sweep(cfg: SweepConfig, num_prompts: int, scales: tuple[float, ...]) -> dict:
+    """`foe bench compare` (MoE ep against FoE gp, the paper's serving experiment) at each factor of the
+    H100-scaled inter-node rate; writes serving_crossover.json and .png under cfg.out_dir."""
+    from foe.cluster.jobs import run_driver
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    world = cfg.nodes * cfg.ranks_per_node
+    scaled = scaled_to_h100(cfg.preset, cfg.shape, ranks=world)
+    print("\n".join(scaled.arithmetic), file=sys.stderr, flush=True)
+    points = []
+    for f in cfg.factors:
+        spec = ClusterSpec(name=cfg.name, nodes=cfg.nodes, ranks_per_node=cfg.ranks_per_node,
+                           intra_mbit=round(scaled.intra_mbit, 3) if cfg.ranks_per_node > 1 else None,
+                           inter_mbit=round(scaled.inter_mbit * f, 3))
+        run = out / f"serve-f{f:g}"
+        print(f"foe cluster sweep: x{f:g}: {spec.describe()}", file=sys.stderr, flush=True)
+        argv = [sys.executable, "-m", "foe.cli.main", "bench", "compare", "--preset", cfg.preset, "--nproc", str(world),
+                "--num-prompts", str(num_prompts), "--scales", ",".join(f"{x:g}" for x in scales), "--out", str(run),
+                "--no-progress"]
+        bring_up(spec)
+        try:
+            save_spec(spec)
+            code = run_driver(spec, argv, timeout_s=7200)
+        finally:
+            tear_down(spec.name)
+            forget_spec(spec.name)
+        if code != 0:
+            raise RuntimeError(f"bench compare failed at x{f:g} (exit code {code}); its logs are in {run}")
+        rows = json.loads((run / "compare.json").read_text())["rows"]
+        points.append({"factor": f, "inter_mbit": spec.inter_mbit, "q": scaled.quotient(spec.inter_mbit),
+                       "ratios": {str(r["scale_s"]): {m: r["ratios"][m]["mean"] for m in ("ttft", "itl", "e2el")}
+                                  for r in rows}})
+    result = {"config": dataclasses.asdict(cfg), "num_prompts": num_prompts, "scales": list(scales),
+              "scaled": dataclasses.asdict(scaled), "q_h100": scaled.quotient(scaled.inter_mbit), "points": points}
+    (out / "serving_crossover.json").write_text(json.dumps(result, indent=2) + "\n")
+    _plot_serving(result, out / "serving_crossover.png")
+    return result
+
+
+def serving_table(result: dict) -> str:
+    lines = [f"{'x H100 rate':>11}  {'inter Mbit/s':>12}  {'q':>6}  {'scale':>5}  {'TTFT':>6}  {'TBT':>6}  {'E2E':>6}   "
+             f"(mean MoE ep / FoE gp)"]
+    for p in result["points"]:
+        for scale, r in p["ratios"].items():
+            lines.append(f"{p['factor']:>11g}  {p['inter_mbit']:>12.1f}  {p['q']:>6.3f}  {float(scale):>5g}  "
+                         f"{r['ttft']:>5.2f}x  {r['itl']:>5.2f}x  {r['e2el']:>5.2f}x")
+    return "\n".join(lines)
+
+
+def _plot_serving(result: dict, path: Path) -> Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    pts = sorted(result["points"], key=lambda p: p["q"])
+    q = [p["q"] for p in pts]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for metric, name, color in (("ttft", "TTFT", "tab:red"), ("itl", "TBT", "tab:green"), ("e2el", "E2E", "tab:purple")):
+        for scale, style in zip(result["points"][0]["ratios"], ("o-", "s--", "^:")):
+            ax.plot(q, [p["ratios"][scale][metric] for p in pts], style, color=color,
+                    label=f"{name}, arrivals every {float(scale):g} s")
+    ax.axhline(1.0, color="grey", lw=0.8)
+    ax.axvline(result["q_h100"], color="black", lw=1, ls=":", label="the 7b-on-H100 quotient")
+    ax.set_xscale("log")
+    ax.set_xlabel("q = time to move a layer's activations over the inter-node link / a rank's layer compute")
+    ax.set_ylabel("mean latency, MoE ep / FoE gp (> 1: FoE faster)")
+    c = result["config"]
+    ax.set_title(f"foe bench compare on the emulated cluster: {c['preset']}, {c['nodes']} nodes x "
+                 f"{c['ranks_per_node']} rank(s), {result['num_prompts']} requests per scale", fontsize=10)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def table(result: dict) -> str:
     lines = [f"{'x H100 rate':>11}  {'inter Mbit/s':>12}  {'q':>6}  {'ep/gp meas':>10}  {'ep/gp sim':>9}  "
              f"{'tp/gp meas':>10}  {'tp/gp sim':>9}  {'gp ms':>7}"]
