@@ -88,3 +88,22 @@ def test_cli_forward_and_serve(tmp_path: Path, capsys: pytest.CaptureFixture[str
     out = capsys.readouterr().out
     assert "Time to First Token" in out and "2.87x" in out  # the paper's figure printed beside ours
     assert main(["sim", "forward", "--cluster", "nope", "--out", str(tmp_path)]) == 2
+
+
+def test_bands_span_the_uncertain_constants(tmp_path: Path) -> None:
+    """--bands: every band holds the central projection, and moving one constant moves the band."""
+    from foe.cli.main import main
+    assert main(["sim", "serve", "--preset", "1b", "--nodes", "1", "--scales", "1.5", "--num-requests", "20",
+                 "--output-len", "4", "--bands", "--out", str(tmp_path)]) == 0
+    run = json.loads((tmp_path / "serve_1b.json").read_text())["runs"]["1"]
+    central = run["1.5"]["ratios"]
+    for metric, (lo, hi) in run["bands"]["1.5"].items():
+        assert lo <= central[metric]["mean"] <= hi
+        assert hi > lo  # the constants matter: a band of width 0 would mean they were never applied
+
+
+def test_tp_the_code_refuses_is_skipped_with_the_reason(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from foe.cli.main import main
+    assert main(["sim", "forward", "--preset", "7b", "--nodes", "2", "--batch-sizes", "1", "--out", str(tmp_path)]) == 0
+    assert "tp: skipped on 16 ranks: tp over 16 ranks needs n_kv_heads (8) divisible by 16" in capsys.readouterr().out
+    assert set(json.loads((tmp_path / "forward_prefill.json").read_text())["runs"]["2"]) == {"ep", "gp"}

@@ -85,6 +85,9 @@ def register(commands: argparse._SubParsersAction, bench: argparse._SubParsersAc
     p.add_argument("--token-budget", type=int, default=8192, help="tokens per engine step")
     p.add_argument("--max-running", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--bands", action="store_true",
+                   help="also re-run with each uncertain constant (GEMM efficiency, per-layer and per-step overhead, "
+                        "InfiniBand per-peer cost) at both ends of its range and print every mean ratio as a band")
     p.set_defaults(func=serve)
 
     p = sub.add_parser("calibrate", help="fit the cpu-gloo preset to measurements; predicted vs measured",
@@ -218,11 +221,40 @@ def serve(args: argparse.Namespace) -> int:
               f"time / FoE (gp) time, simulated vs the paper's 7B figures")
         _print(comparison_table(projected, nodes))
         print()
+        if args.bands:
+            bands = _bands(args, cl, routing, policy, moe, foe, projected)
+            runs["bands"] = bands
+            print("the same, mean over requests, as bands over the uncertain constants (foe.sim.hardware.UNCERTAIN, "
+                  "each at both ends of its range, one at a time):")
+            for scale, metrics in bands.items():
+                print("  " + f"{scale:>5}s  " + "  ".join(f"{m} {lo:.2f}-{hi:.2f}x" for m, (lo, hi) in metrics.items()))
+            print()
         out["runs"][str(nodes)] = runs
     path = args.out / f"serve_{args.preset}.json"
     path.write_text(json.dumps(out, indent=1) + "\n")
     print(f"wrote {path} and serve_cdf_*.png")
     return 0
+
+
+def _bands(args: argparse.Namespace, cl, routing, policy, moe, foe, projected: dict) -> dict:  # noqa: ANN001
+    """For each scale and metric, the (min, max) mean MoE/FoE ratio over the projection re-run with each
+    UNCERTAIN constant at each end of its range (the central run included)."""
+    from foe.sim.hardware import UNCERTAIN, with_constant
+    from foe.sim.paper import ratios
+    from foe.sim.requests import longbench_requests
+    from foe.sim.serving import serve as run
+    seen: dict[str, dict[str, list[float]]] = {f"{s:g}": {m: [st["mean"]] for m, st in projected[s].items()}
+                                               for s in projected}
+    for name, (lo, hi, _) in UNCERTAIN.items():
+        for value in (lo, hi):
+            c = with_constant(cl, name, value)
+            for scale in args.scales:
+                reqs = longbench_requests(args.num_requests, scale, args.seed, args.output_len)
+                r = ratios(run(moe, args.moe_strategy, c, routing, reqs, policy).summary(),
+                           run(foe, "gp", c, routing, reqs, policy).summary())
+                for m in r:
+                    seen[f"{scale:g}"][m].append(r[m]["mean"])
+    return {scale: {m: (min(v), max(v)) for m, v in metrics.items()} for scale, metrics in seen.items()}
 
 
 def calibrate(args: argparse.Namespace) -> int:

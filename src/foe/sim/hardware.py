@@ -141,6 +141,25 @@ CLUSTERS: dict[str, Cluster] = {
         source="ENVIRONMENT.md section 2 (measured on this machine), refined by foe sim calibrate"),
 }
 
+# The GPU presets' constants that no datasheet gives, as plausible ranges: `foe sim serve --bands` re-runs the
+# projection at each end of each range (one at a time) and reports every ratio as a band.
+UNCERTAIN: dict[str, tuple[float, float, str]] = {
+    "matmul_efficiency": (0.5, 0.8, "large BF16 GEMMs reach about this fraction of dense peak on H100"),
+    "layer_overhead": (5 * US, 40 * US, "kernel launches per layer not hidden (with and without CUDA graphs)"),
+    "step_overhead": (0.5e-3, 4e-3, "scheduling, sampling and host sync per engine step"),
+    "inter_hop": (1 * US, 5 * US, "per InfiniBand peer or ring step"),
+}
+
+
+def with_constant(cluster: Cluster, name: str, value: float) -> Cluster:
+    """The cluster with one of the UNCERTAIN constants set."""
+    if name == "inter_hop":
+        return cluster.replace(inter=dataclasses.replace(cluster.inter, hop=value))
+    if name == "matmul_efficiency":
+        return cluster.replace(matmul_efficiency=value)
+    return cluster.replace(**{name: value})
+
+
 CALIBRATED_FILE = Path(__file__).parent / "data" / "cpu_gloo_calibrated.json"
 
 
