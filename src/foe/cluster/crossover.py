@@ -206,8 +206,8 @@ def _plot_serving(result: dict, path: Path) -> Path:
     ax.set_xlabel("q = time to move a layer's activations over the inter-node link / a rank's layer compute")
     ax.set_ylabel("mean latency, MoE ep / FoE gp (> 1: FoE faster)")
     c = result["config"]
-    ax.set_title(f"foe bench compare on the emulated cluster: {c['preset']}, {c['nodes']} nodes x "
-                 f"{c['ranks_per_node']} rank(s), {result['num_prompts']} requests per scale", fontsize=10)
+    ax.set_title(f"bench compare, emulated cluster: {c['preset']}, {c['nodes']} x {c['ranks_per_node']} rank(s), "
+                 f"{result['num_prompts']} requests per scale", fontsize=10)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
