@@ -190,24 +190,33 @@ def serving_table(result: dict) -> str:
 
 
 def _plot_serving(result: dict, path: Path) -> Path:
+    def draw(ax, q: list[float], pts: list[dict]) -> None:  # noqa: ANN001
+        for metric, name, color in (("ttft", "TTFT", "tab:red"), ("itl", "TBT", "tab:green"),
+                                    ("e2el", "E2E", "tab:purple")):
+            for scale, style in zip(pts[0]["ratios"], ("o-", "s--", "^:")):
+                ax.plot(q, [p["ratios"][scale][metric] for p in pts], style, color=color,
+                        label=f"{name}, arrivals every {float(scale):g} s")
+    c = result["config"]
+    return _quotient_plot(result, path, draw, "mean latency, MoE ep / FoE gp (> 1: FoE faster)",
+                          f"bench compare, emulated cluster: {c['preset']}, {c['nodes']} x {c['ranks_per_node']} "
+                          f"rank(s), {result['num_prompts']} requests per scale")
+
+
+def _quotient_plot(result: dict, path: Path, draw, ylabel: str, title: str) -> Path:  # noqa: ANN001
+    """Ratios against q on a log axis, with the parity line and the H100 quotient marked; `draw(ax, q, points)`
+    adds the curves."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     pts = sorted(result["points"], key=lambda p: p["q"])
-    q = [p["q"] for p in pts]
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for metric, name, color in (("ttft", "TTFT", "tab:red"), ("itl", "TBT", "tab:green"), ("e2el", "E2E", "tab:purple")):
-        for scale, style in zip(result["points"][0]["ratios"], ("o-", "s--", "^:")):
-            ax.plot(q, [p["ratios"][scale][metric] for p in pts], style, color=color,
-                    label=f"{name}, arrivals every {float(scale):g} s")
+    draw(ax, [p["q"] for p in pts], pts)
     ax.axhline(1.0, color="grey", lw=0.8)
     ax.axvline(result["q_h100"], color="black", lw=1, ls=":", label="the 7b-on-H100 quotient")
     ax.set_xscale("log")
     ax.set_xlabel("q = time to move a layer's activations over the inter-node link / a rank's layer compute")
-    ax.set_ylabel("mean latency, MoE ep / FoE gp (> 1: FoE faster)")
-    c = result["config"]
-    ax.set_title(f"bench compare, emulated cluster: {c['preset']}, {c['nodes']} x {c['ranks_per_node']} rank(s), "
-                 f"{result['num_prompts']} requests per scale", fontsize=10)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -229,26 +238,12 @@ def table(result: dict) -> str:
 
 
 def plot(result: dict, path: Path) -> Path:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    pts = sorted(result["points"], key=lambda p: p["q"])
-    q = [p["q"] for p in pts]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for s, color in (("ep", "tab:blue"), ("tp", "tab:orange")):
-        ax.plot(q, [p["measured_ratio"][s] for p in pts], "o-", color=color, label=f"MoE {s} / FoE gp, measured")
-        ax.plot(q, [p["predicted_ratio"][s] for p in pts], "--", color=color, alpha=0.7,
-                label=f"MoE {s} / FoE gp, cost model (fit on micro-benchmarks)")
-    ax.axhline(1.0, color="grey", lw=0.8)
-    ax.axvline(result["q_h100"], color="black", lw=1, ls=":", label="the 7b-on-H100 quotient")
-    ax.set_xscale("log")
-    ax.set_xlabel("q = time to move a layer's activations over the inter-node link / a rank's layer compute")
-    ax.set_ylabel("forward latency, MoE / FoE (> 1: FoE faster)")
+    def draw(ax, q: list[float], pts: list[dict]) -> None:  # noqa: ANN001
+        for st, color in (("ep", "tab:blue"), ("tp", "tab:orange")):
+            ax.plot(q, [p["measured_ratio"][st] for p in pts], "o-", color=color, label=f"MoE {st} / FoE gp, measured")
+            ax.plot(q, [p["predicted_ratio"][st] for p in pts], "--", color=color, alpha=0.7,
+                    label=f"MoE {st} / FoE gp, cost model (fit on micro-benchmarks)")
     c = result["config"]
-    ax.set_title(f"{c['preset']}, {c['nodes']} nodes x {c['ranks_per_node']} rank(s), {c['shape']['phase']} "
-                 f"{c['shape']['seqs']}x{c['shape']['length']}: emulated cluster", fontsize=10)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _quotient_plot(result, path, draw, "forward latency, MoE / FoE (> 1: FoE faster)",
+                          f"{c['preset']}, {c['nodes']} nodes x {c['ranks_per_node']} rank(s), {c['shape']['phase']} "
+                          f"{c['shape']['seqs']}x{c['shape']['length']}: emulated cluster")
