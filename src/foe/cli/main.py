@@ -35,6 +35,8 @@ Start here:
   foe bench compare                    the paper's serving experiment (Poisson arrivals), MoE vs FoE
   foe compare-quality                  train MoE and FoE alike on the built-in corpus, compare quality
   foe sim serve --preset 7b            project the paper's tables onto 8x H100 nodes
+  foe cluster sweep                    (root) MoE vs FoE on an emulated 2-node cluster whose links are as
+                                       slow, relative to compute, as InfiniBand is to an H100
 Every subcommand has its own --help; docs/ in the repository explains each in depth."""
 
 
