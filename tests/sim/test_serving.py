@@ -107,3 +107,17 @@ def test_tp_the_code_refuses_is_skipped_with_the_reason(tmp_path: Path, capsys: 
     assert main(["sim", "forward", "--preset", "7b", "--nodes", "2", "--batch-sizes", "1", "--out", str(tmp_path)]) == 0
     assert "tp: skipped on 16 ranks: tp over 16 ranks needs n_kv_heads (8) divisible by 16" in capsys.readouterr().out
     assert set(json.loads((tmp_path / "forward_prefill.json").read_text())["runs"]["2"]) == {"ep", "gp"}
+
+
+def test_an_all_to_all_slower_than_its_link_is_fitted_as_such() -> None:
+    """A link fitted on all-reduces, and an all-to-all that moves its bytes at half that rate (as gloo's did
+    on a shaped link): the factor comes out 0.5 and the cost model's all-to-all takes twice as long."""
+    from foe.sim.calibrate import fit_a2a_factor
+    from foe.sim.collectives import alltoall
+    from foe.sim.hardware import get_cluster
+    lat, bw = 2e-4, 5e6
+    rows = [dict(op="all_to_all", ranks=2, bytes=n, seconds=lat + (n / 2) / (0.5 * bw)) for n in (1 << 14, 1 << 20)]
+    assert fit_a2a_factor(rows, lat, bw) == pytest.approx(0.5, rel=1e-6)
+    c = get_cluster("h100")
+    full, half = alltoall(1e6, 8, 1, c), alltoall(1e6, 8, 1, c.replace(a2a_bandwidth_factor=0.5))
+    assert half - c.intra.latency - 7 * c.intra.hop == pytest.approx(2 * (full - c.intra.latency - 7 * c.intra.hop))

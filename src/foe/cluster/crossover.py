@@ -132,6 +132,7 @@ def run_sweep(cfg: SweepConfig) -> dict:
                        "bytes_inter": {s: rows[s]["bytes_per_token_per_layer_inter"] for s in STRATEGIES}})
     result = {"config": {**dataclasses.asdict(cfg)}, "scaled": dataclasses.asdict(scaled),
               "q_h100": scaled.quotient(scaled.inter_mbit), "points": points, "errors": errors(points),
+              "one_rank_micro_benchmarks": one_rank,
               "cost_model": "foe.sim fitted per point on micro-benchmarks only: one rank's GEMMs, copy and "
                             "single-process forwards, and that link's all-reduce/all-to-all at "
                             f"{COLLECTIVE_SIZES} bytes; no forward run of the sweep is used"}

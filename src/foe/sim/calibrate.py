@@ -50,6 +50,17 @@ def fit_link(collectives: list[dict]) -> tuple[float, float]:
     return lat, 1.0 / inv_bw
 
 
+def fit_a2a_factor(collectives: list[dict], latency: float, bandwidth: float) -> float:
+    """All-to-all's bandwidth over the link's, from the all-to-all rows given the link fitted on the
+    all-reduces (least squares on the time beyond the latency); 1 when there are no all-to-all rows."""
+    rows = [c for c in collectives if c["op"] == "all_to_all"]
+    if not rows:
+        return 1.0
+    x = np.array([_link_bytes("all_to_all", c["bytes"], c["ranks"]) / bandwidth for c in rows])
+    y = np.array([max(c["seconds"] - latency, 1e-9) for c in rows])
+    return float(np.clip((x @ x) / (x @ y), 0.05, 2.0))
+
+
 def _predict_collective(c: dict, cluster: Cluster) -> float:
     if c["op"] == "all_reduce":
         return allreduce(c["bytes"], c["ranks"], 1, cluster, "ring")
@@ -72,10 +83,14 @@ def calibrate(measured: dict, bench_rows: list[dict] | None = None,
     base = CLUSTERS["cpu-gloo"]
     mm = float(np.median([m["flops_per_s"] for m in measured["compute"]["matmul"]]))
     bw = float(measured["compute"]["copy"]["bytes_per_s"])
-    lat, link_bw = fit_link(measured["collectives"])
+    # The link from the all-reduces; all-to-all's own bandwidth as a factor of it (gloo's need not be
+    # full duplex). Without two all-reduce sizes, one link from every row.
+    reduces = [c for c in measured["collectives"] if c["op"] == "all_reduce"]
+    lat, link_bw = fit_link(reduces if len(reduces) >= 2 else measured["collectives"])
+    a2a = fit_a2a_factor(measured["collectives"], lat, link_bw) if len(reduces) >= 2 else 1.0
     link = Link(bandwidth=link_bw, efficiency=1.0, latency=lat, hop=0.0)
     c0 = base.replace(matmul_flops=mm, matmul_efficiency=1.0, mem_bandwidth=bw, mem_efficiency=1.0,
-                      intra=link, inter=link, layer_overhead=0.0, step_overhead=0.0)
+                      intra=link, inter=link, layer_overhead=0.0, step_overhead=0.0, a2a_bandwidth_factor=a2a)
 
     fwd = [r for r in measured.get("forward", []) if r["ranks"] == 1]
     eff, overhead = 1.0, 0.0
@@ -113,6 +128,7 @@ def calibrate(measured: dict, bench_rows: list[dict] | None = None,
             row["error_micro"] = row["predicted_micro"] / row["measured"] - 1
     return dict(cluster=cluster.to_dict(), micro_cluster=micro.to_dict(),
                 fit=dict(matmul_flops=mm, mem_bandwidth=bw, link_latency_s=lat, link_bandwidth=link_bw,
+                         a2a_bandwidth_factor=a2a,
                          matmul_efficiency=eff, layer_overhead_s=overhead,
                          bench_matmul_efficiency=cluster.matmul_efficiency if bench_rows else None,
                          bench_layer_overhead_s=cluster.layer_overhead if bench_rows else None,

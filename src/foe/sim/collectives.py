@@ -16,7 +16,8 @@ Assumptions (stated once, used everywhere):
   devices drives its own NIC in parallel), intra-node all-gather.
 - All-to-all: each rank sends `bytes_out` (what leaves it, the local share already removed),
   spread evenly over its p-1 peers; peers in the node go over NVLink, the rest over the NIC, in
-  parallel: T = latency + (p-1) hop + max(intra bytes / intra bw, inter bytes / inter bw).
+  parallel: T = latency + (p-1) hop + max(intra bytes / intra bw, inter bytes / inter bw), each bw times
+  the cluster's a2a_bandwidth_factor (1 = full duplex, as NCCL; gloo's is fitted).
 This file knows nothing of models or strategies.
 """
 
@@ -79,7 +80,8 @@ def alltoall(bytes_out: float, ranks_per_node: int, nodes: int, cluster: Cluster
     if p <= 1:
         return 0.0
     intra_share = (ranks_per_node - 1) / (p - 1)
-    t_intra = bytes_out * intra_share / cluster.intra.bw
-    t_inter = bytes_out * (1 - intra_share) / cluster.inter.bw if nodes > 1 else 0.0
+    f = cluster.a2a_bandwidth_factor
+    t_intra = bytes_out * intra_share / (cluster.intra.bw * f)
+    t_inter = bytes_out * (1 - intra_share) / (cluster.inter.bw * f) if nodes > 1 else 0.0
     link = cluster.inter if nodes > 1 else cluster.intra
     return link.latency + (p - 1) * link.hop + max(t_intra, t_inter)

@@ -52,6 +52,9 @@ class Cluster:
     layer_overhead: float = 0.0  # s per layer per forward: kernel launches not hidden (no graphs)
     step_overhead: float = 0.0  # s per engine step: scheduling, sampling, host sync
     cores_per_node: int = 0  # CPU presets: ranks beyond this share cores (0 = no sharing)
+    # all-to-all's bandwidth over the link's: 1 for NCCL (full duplex); fitted for gloo, whose all-to-all
+    # of large messages was measured not to overlap sending with receiving (docs/emulated-cluster.md)
+    a2a_bandwidth_factor: float = 1.0
     source: str = ""
 
     def __post_init__(self) -> None:
@@ -61,6 +64,8 @@ class Cluster:
             raise ValueError(f"cluster {self.name!r}: rates and memory must be positive")
         if not (0 < self.matmul_efficiency <= 1 and 0 < self.mem_efficiency <= 1):
             raise ValueError(f"cluster {self.name!r}: efficiencies must be in (0, 1]")
+        if not 0 < self.a2a_bandwidth_factor <= 2:
+            raise ValueError(f"cluster {self.name!r}: a2a_bandwidth_factor must be in (0, 2]")
         if self.dtype_bytes not in (1, 2, 4):
             raise ValueError(f"cluster {self.name!r}: dtype_bytes must be 1, 2 or 4")
 
