@@ -46,6 +46,11 @@ class SweepConfig:
             raise ValueError("the sweep varies the inter-node rate: it needs at least 2 nodes")
 
 
+def _tag(factor: float) -> str:
+    """A file name for a factor with no dot in it: "x0p03" (Path.with_suffix would cut at the dot)."""
+    return "x" + f"{factor:g}".replace(".", "p")
+
+
 def _bench_argv(cfg: SweepConfig, out: Path) -> list[str]:
     sh = cfg.shape
     shape = (["--modes", "prefill", "--seq-len", str(sh.length)] if sh.phase == "prefill"
@@ -104,17 +109,17 @@ def run_sweep(cfg: SweepConfig) -> dict:
         intra = scaled.intra_mbit if cfg.ranks_per_node > 1 else None
         spec = ClusterSpec(name=cfg.name, nodes=cfg.nodes, ranks_per_node=cfg.ranks_per_node,
                            intra_mbit=None if intra is None else round(intra, 3), inter_mbit=round(inter, 3))
-        run = out / f"f{f:g}"
+        run = out / _tag(f)
         print(f"foe cluster sweep: x{f:g} of the H100-scaled inter-node rate: {spec.describe()}", file=sys.stderr,
               flush=True)
         bring_up(spec)
         try:
             save_spec(spec)
-            code = run_job(spec, _bench_argv(cfg, run), out / f"f{f:g}-ranks", timeout_s=3600)
+            code = run_job(spec, _bench_argv(cfg, run), out / f"{_tag(f)}-ranks", timeout_s=3600)
             if code == 0:  # the link's micro-benchmark, on the same cluster
                 code = run_job(spec, [sys.executable, "-m", "foe.sim.measure_cpu", "--collectives-only", "--reps",
                                       "3", "--sizes", COLLECTIVE_SIZES, "--out", str(run) + "-collectives.json"],
-                               out / f"f{f:g}-ranks", timeout_s=3600)
+                               out / f"{_tag(f)}-ranks", timeout_s=3600)
         finally:
             tear_down(spec.name)
             forget_spec(spec.name)
@@ -155,7 +160,7 @@ def run_serving_sweep(cfg: SweepConfig, num_prompts: int, scales: tuple[float, .
         spec = ClusterSpec(name=cfg.name, nodes=cfg.nodes, ranks_per_node=cfg.ranks_per_node,
                            intra_mbit=round(scaled.intra_mbit, 3) if cfg.ranks_per_node > 1 else None,
                            inter_mbit=round(scaled.inter_mbit * f, 3))
-        run = out / f"serve-f{f:g}"
+        run = out / f"serve-{_tag(f)}"
         print(f"foe cluster sweep: x{f:g}: {spec.describe()}", file=sys.stderr, flush=True)
         argv = [sys.executable, "-m", "foe.cli.main", "bench", "compare", "--preset", cfg.preset, "--nproc", str(world),
                 "--num-prompts", str(num_prompts), "--scales", ",".join(f"{x:g}" for x in scales), "--out", str(run),
