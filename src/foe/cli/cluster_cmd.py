@@ -197,20 +197,14 @@ def job(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from foe.cluster.jobs import forget_spec, run_driver, run_job, save_spec
-    from foe.cluster.netns import bring_up, tear_down
+    from foe.cluster.jobs import cluster_up, run_driver, run_job
     spec, argv = _spec(args), _command(args)
     _stop_on_signals()
-    bring_up(spec)
-    try:
-        save_spec(spec)
+    with cluster_up(spec):
         print(spec.describe(), file=sys.stderr, flush=True)
         if args.driver:
             return run_driver(spec, argv, args.timeout)
         return run_job(spec, argv, Path(args.logs or f"/tmp/foe-cluster-{spec.name}"), args.timeout)
-    finally:
-        tear_down(spec.name)
-        forget_spec(spec.name)
 
 
 def sweep(args: argparse.Namespace) -> int:

@@ -20,9 +20,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from foe.cluster.jobs import forget_spec, run_job, save_spec
-from foe.cluster.netns import bring_up, tear_down
-from foe.cluster.scaling import Shape, scaled_to_h100
+from foe.cluster.jobs import cluster_up, run_job
+from foe.cluster.scaling import ScaledRates, Shape, scaled_to_h100
 from foe.cluster.topology import ClusterSpec
 
 STRATEGIES = ("ep", "tp", "gp")
@@ -44,6 +43,24 @@ class SweepConfig:
             raise ValueError(f"factors must be positive, got {self.factors}")
         if self.nodes < 2:
             raise ValueError("the sweep varies the inter-node rate: it needs at least 2 nodes")
+
+
+def _scaled(cfg: SweepConfig) -> ScaledRates:
+    """The H100-scaled rates the sweep multiplies, their arithmetic printed."""
+    scaled = scaled_to_h100(cfg.preset, cfg.shape, ranks=cfg.nodes * cfg.ranks_per_node)
+    print("\n".join(scaled.arithmetic), file=sys.stderr, flush=True)
+    return scaled
+
+
+def _cluster_at(cfg: SweepConfig, scaled: ScaledRates, factor: float) -> ClusterSpec:
+    """The cluster whose inter-node rate is factor x the scaled one; intra-node at the scaled rate when a node
+    holds several ranks."""
+    spec = ClusterSpec(name=cfg.name, nodes=cfg.nodes, ranks_per_node=cfg.ranks_per_node,
+                       intra_mbit=scaled.intra_mbit if cfg.ranks_per_node > 1 else None,
+                       inter_mbit=scaled.inter_mbit * factor)
+    print(f"foe cluster sweep: x{factor:g} of the H100-scaled inter-node rate: {spec.describe()}", file=sys.stderr,
+          flush=True)
+    return spec
 
 
 def _tag(factor: float) -> str:
@@ -98,39 +115,27 @@ def run_sweep(cfg: SweepConfig) -> dict:
     """Every factor's run and prediction; writes crossover.json and crossover.png under cfg.out_dir."""
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    world = cfg.nodes * cfg.ranks_per_node
-    scaled = scaled_to_h100(cfg.preset, cfg.shape, ranks=world)
-    print("\n".join(scaled.arithmetic), file=sys.stderr, flush=True)
+    scaled = _scaled(cfg)
     print("foe cluster sweep: one rank's compute micro-benchmarks", file=sys.stderr, flush=True)
     one_rank = measure_one_rank(cfg.preset)
     points = []
     for f in cfg.factors:
-        inter = scaled.inter_mbit * f
-        intra = scaled.intra_mbit if cfg.ranks_per_node > 1 else None
-        spec = ClusterSpec(name=cfg.name, nodes=cfg.nodes, ranks_per_node=cfg.ranks_per_node,
-                           intra_mbit=None if intra is None else round(intra, 3), inter_mbit=round(inter, 3))
+        spec = _cluster_at(cfg, scaled, f)
         run = out / _tag(f)
-        print(f"foe cluster sweep: x{f:g} of the H100-scaled inter-node rate: {spec.describe()}", file=sys.stderr,
-              flush=True)
-        bring_up(spec)
-        try:
-            save_spec(spec)
+        with cluster_up(spec):
             code = run_job(spec, _bench_argv(cfg, run), out / f"{_tag(f)}-ranks", timeout_s=3600)
             if code == 0:  # the link's micro-benchmark, on the same cluster
                 code = run_job(spec, [sys.executable, "-m", "foe.sim.measure_cpu", "--collectives-only", "--reps",
                                       "3", "--sizes", COLLECTIVE_SIZES, "--out", str(run) + "-collectives.json"],
                                out / f"{_tag(f)}-ranks", timeout_s=3600)
-        finally:
-            tear_down(spec.name)
-            forget_spec(spec.name)
         if code != 0:
             raise RuntimeError(f"bench forward failed at x{f:g} (exit code {code}); logs in {out}")
         rows = {r["strategy"]: r for r in json.loads(run.with_suffix(".json").read_text())["results"]}
         measured = {s: rows[s]["latency_ms_median"] / 1e3 for s in STRATEGIES}
         collectives = json.loads(Path(str(run) + "-collectives.json").read_text())["collectives"]
         pred = predict_runs(run.with_suffix(".json"), fitted_cluster(one_rank, collectives))
-        points.append({"factor": f, "inter_mbit": inter, "intra_mbit": intra,
-                       "q": scaled.quotient(inter),
+        points.append({"factor": f, "inter_mbit": spec.inter_mbit, "intra_mbit": spec.intra_mbit,
+                       "q": scaled.quotient(spec.inter_mbit),
                        "measured_s": measured, "predicted_s": pred,
                        "measured_ratio": {s: measured[s] / measured["gp"] for s in ("ep", "tp")},
                        "predicted_ratio": {s: pred[s] / pred["gp"] for s in ("ep", "tp")},
@@ -153,25 +158,16 @@ def run_serving_sweep(cfg: SweepConfig, num_prompts: int, scales: tuple[float, .
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     world = cfg.nodes * cfg.ranks_per_node
-    scaled = scaled_to_h100(cfg.preset, cfg.shape, ranks=world)
-    print("\n".join(scaled.arithmetic), file=sys.stderr, flush=True)
+    scaled = _scaled(cfg)
     points = []
     for f in cfg.factors:
-        spec = ClusterSpec(name=cfg.name, nodes=cfg.nodes, ranks_per_node=cfg.ranks_per_node,
-                           intra_mbit=round(scaled.intra_mbit, 3) if cfg.ranks_per_node > 1 else None,
-                           inter_mbit=round(scaled.inter_mbit * f, 3))
+        spec = _cluster_at(cfg, scaled, f)
         run = out / f"serve-{_tag(f)}"
-        print(f"foe cluster sweep: x{f:g}: {spec.describe()}", file=sys.stderr, flush=True)
         argv = [sys.executable, "-m", "foe.cli.main", "bench", "compare", "--preset", cfg.preset, "--nproc", str(world),
                 "--num-prompts", str(num_prompts), "--scales", ",".join(f"{x:g}" for x in scales), "--out", str(run),
                 "--no-progress"]
-        bring_up(spec)
-        try:
-            save_spec(spec)
+        with cluster_up(spec):
             code = run_driver(spec, argv, timeout_s=7200)
-        finally:
-            tear_down(spec.name)
-            forget_spec(spec.name)
         if code != 0:
             raise RuntimeError(f"bench compare failed at x{f:g} (exit code {code}); its logs are in {run}")
         rows = json.loads((run / "compare.json").read_text())["rows"]

@@ -20,9 +20,11 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-from foe.cluster.netns import exec_argv, namespaces
+from foe.cluster.netns import bring_up, exec_argv, namespaces, tear_down
 from foe.cluster.topology import ClusterSpec
 
 STATE_DIR = Path(os.environ.get("FOE_CLUSTER_STATE", "/run/foe-cluster"))
@@ -59,17 +61,24 @@ def free_port_on_rank0(spec: ClusterSpec) -> int:
     return int(r.stdout)
 
 
+@contextmanager
+def cluster_up(spec: ClusterSpec) -> Iterator[ClusterSpec]:
+    """The cluster up, with its state file, for the `with` block; torn down and forgotten after it, however
+    it ends."""
+    bring_up(spec)
+    try:
+        save_spec(spec)
+        yield spec
+    finally:
+        tear_down(spec.name)
+        forget_spec(spec.name)
+
+
 def rank_env(spec: ClusterSpec, rank: int, threads: int, port: int) -> dict[str, str]:
     return {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(spec.local_rank(rank)),
             "WORLD_SIZE": str(spec.world_size), "LOCAL_WORLD_SIZE": str(spec.ranks_per_node),
             "GROUP_RANK": str(spec.node_of(rank)), "MASTER_ADDR": spec.address(0), "MASTER_PORT": str(port),
             "FOE_HOST_ID": f"{spec.name} node {spec.node_of(rank)}", "OMP_NUM_THREADS": str(threads)}
-
-
-def _threads(spec: ClusterSpec) -> int:
-    """Each rank's torch threads: OMP_NUM_THREADS when set, else this machine's cores shared out."""
-    env = os.environ.get("OMP_NUM_THREADS", "")
-    return int(env) if env.isdigit() and int(env) > 0 else max(1, (os.cpu_count() or 1) // spec.world_size)
 
 
 def _say(msg: str) -> None:
@@ -80,7 +89,8 @@ def run_job(spec: ClusterSpec, argv: list[str], log_dir: Path, timeout_s: float 
     """argv on every rank; rank 0's output here, the others' in log_dir/rank<r>.log. Returns rank 0's exit
     code, or 1 when another rank failed first (the others are then stopped)."""
     log_dir.mkdir(parents=True, exist_ok=True)
-    threads, port = _threads(spec), free_port_on_rank0(spec)
+    from foe.parallel.rendezvous import threads_per_rank  # (torch: only when a job runs)
+    threads, port = threads_per_rank(spec.world_size), free_port_on_rank0(spec)
     procs: dict[int, subprocess.Popen] = {}
     try:
         for r in range(spec.world_size):

@@ -259,15 +259,20 @@ def supervise_node(ranks: LocalRanks, store: dist.TCPStore, rdzv: Rendezvous, sa
 
 # --- run_ranks: a function on every rank, results back on node 0 ---
 
+def _call_and_gather(fn: Callable, rank: int, world: int, args: tuple) -> list[Any] | None:
+    """fn(rank, world, *args) on this rank; every rank's result on rank 0 (across nodes too), None elsewhere."""
+    out = fn(rank, world, *args)
+    every: list[Any] | None = [None] * world if rank == 0 else None
+    dist.gather_object(out, every, dst=0)
+    return every
+
+
 def _run_rank(rank: int, rdzv: Rendezvous, fn: Callable, args: tuple, results: Any, threads: int) -> None:
     exit_with_parent()
     torch.set_num_threads(threads)
     try:
         join_group(rdzv, rank)
-        out = fn(rank, rdzv.world_size, *args)
-        every: list[Any] | None = [None] * rdzv.world_size if rank == 0 else None
-        dist.gather_object(out, every, dst=0)  # across nodes: rank 0 holds all results
-        results.put((rank, "ok", every))
+        results.put((rank, "ok", _call_and_gather(fn, rank, rdzv.world_size, args)))
     except BaseException:
         results.put((rank, "error", traceback.format_exc()))
         raise SystemExit(1) from None
@@ -314,9 +319,7 @@ def _run_here(fn: Callable, rdzv: Rendezvous, args: tuple) -> list[Any] | None:
     torch.set_num_threads(default_threads(rdzv.nproc))
     join_group(rdzv, rank)
     try:
-        out = fn(rank, rdzv.world_size, *args)
-        every: list[Any] | None = [None] * rdzv.world_size if rank == 0 else None
-        dist.gather_object(out, every, dst=0)
+        every = _call_and_gather(fn, rank, rdzv.world_size, args)
     except BaseException:
         dist.destroy_process_group()  # no barrier: the others are in another collective; the launcher stops them
         raise
